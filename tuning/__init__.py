@@ -1,0 +1,1 @@
+"""Hyperparameter search for the all-convolutional net: data, trials, search and tracking."""
