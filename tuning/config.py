@@ -67,11 +67,12 @@ class Param:
 
 
 # Keys that describe the net; the rest describe how it is trained.
-MODEL_KEYS = ("width_mult", "batchnorm", "downsample", "input_dropout", "stage_dropout", "num_classes")
+MODEL_KEYS = ("width_mult", "convs_per_stage", "batchnorm", "downsample", "input_dropout", "stage_dropout", "num_classes")
 
 PARAMS: dict[str, Param] = {
     "preset": Param(str, choices=tuple(PRESETS), help="base architecture; the model keys below override it"),
     "width_mult": Param(float, 0, 16, low_open=True, help="multiplies every hidden width"),
+    "convs_per_stage": Param(int, 0, 8, help="3x3 convs per stage before its downsampling"),
     "batchnorm": Param(bool, help="BatchNorm after every conv (off: conv biases instead)"),
     "downsample": Param(str, choices=DOWNSAMPLE_CHOICES, help="stride: 3x3 stride-2 conv; pool: conv + 2x2 max-pool"),
     "input_dropout": Param(float, 0, 1, high_open=True, help="dropout on the input image"),
@@ -98,6 +99,7 @@ class TrialConfig:
     preset: str = "seed"
     # Model: defaults are the seed preset's; from_dict takes them from the chosen preset.
     width_mult: float = 1.0
+    convs_per_stage: int = 1
     batchnorm: bool = True
     downsample: str = "stride"
     input_dropout: float = 0.0

@@ -1,0 +1,362 @@
+"""`python -m tuning.search`: search the all-conv net's hyperparameters with Ray Tune.
+
+Optuna (TPE, seeded) proposes configs from a search-space file, ASHA stops weak trials early
+on validation accuracy, and each trial trains on the GPU share it was given (or the CPU).
+
+    python -m tuning.search --num-gpus 4                       # the default space on CIFAR-10
+    python -m tuning.search --smoke-test --dataset folder --data DIR
+    python -m tuning.search --resume --name NAME               # continue an interrupted search
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from tuning.config import METRIC, MODE, TrialConfig
+from tuning.data import DataError, TrialData, add_data_arguments, trial_data_from_args
+from tuning.spaces import SearchSpace, SpaceError, load_space, shipped_spaces
+from tuning.trainable import run_trial
+from tuning.training import build_model, evaluate_split, load_checkpoint, pick_device
+
+# Tune snapshots its state whenever a trial checkpoints past num_to_keep. We want that (a resume
+# loses nothing) and each snapshot takes milliseconds, so its "excessive snapshots" warning is noise.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+ARGS_FILE = "search_args.json"  # the driver's own arguments, so --resume reloads the same data
+SUMMARY_FILE = "summary.json"
+# --smoke-test: a whole search, end to end, in about a minute on a laptop CPU.
+SMOKE_DEFAULTS = {"space": "smoke", "num_samples": 4, "max_epochs": 2, "train_limit": 2048, "val_size": 1000}
+
+
+class SearchError(RuntimeError):
+    """A search that cannot start; the message says what to change."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tuning.search", description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    search = parser.add_argument_group("search")
+    search.add_argument("--space", default="allconv", help=f"a shipped space ({', '.join(shipped_spaces())}) or a YAML path (default: allconv)")
+    search.add_argument("--num-samples", type=int, default=20, help="trials to run in total (default: 20)")
+    search.add_argument("--max-epochs", type=int, default=20, help="epochs for a trial that ASHA never stops; every trial's lr schedule spans them (default: 20)")
+    search.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial (default: 1)")
+    search.add_argument("--reduction-factor", type=int, default=3, help="ASHA keeps the top 1/N at each rung (default: 3)")
+    search.add_argument("--seed", type=int, default=0, help="seeds the sampler: the same seed proposes the same configs (default: 0)")
+    search.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial, from its last checkpoint (default: 0)")
+    resources = parser.add_argument_group("resources")
+    resources.add_argument("--num-gpus", type=float, default=None, help="GPUs for a local Ray (default: all visible; 0: train on CPU)")
+    resources.add_argument("--gpus-per-trial", type=float, default=None, help="GPU share of one trial; 0.25 packs 4 trials on a GPU (default: 1 with GPUs, else 0)")
+    resources.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs of one trial (default: 1)")
+    resources.add_argument("--max-concurrent", type=int, default=0, help="trials at once at most; 0: as many as the cluster's CPUs and GPUs fit (default: 0)")
+    resources.add_argument("--address", default=None, help="join a running Ray cluster ('auto' on a cluster node) instead of starting one")
+    add_data_arguments(parser)
+    output = parser.add_argument_group("output")
+    output.add_argument("--storage-path", default="ray_results", help="where results and checkpoints go: a dir (shared on multi-node clusters) or s3://... (default: ./ray_results)")
+    output.add_argument("--name", default=None, help="this search's name (default: SPACE-YYYYmmdd-HHMMSS)")
+    output.add_argument("--resume", action="store_true", help="continue the search --name (default: the latest) in --storage-path")
+    parser.add_argument("--smoke-test", action="store_true", help="a tiny end-to-end search: " + ", ".join(f"{k}={v}" for k, v in SMOKE_DEFAULTS.items()))
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.smoke_test:  # smoke defaults, under anything given explicitly
+        parser.set_defaults(**SMOKE_DEFAULTS)
+        args = parser.parse_args(argv)
+    if args.num_gpus is None:
+        args.num_gpus = torch.cuda.device_count()
+    if args.gpus_per_trial is None:
+        args.gpus_per_trial = 1.0 if args.num_gpus > 0 else 0.0
+    for problem in flag_problems(args):
+        parser.error(problem)
+    return args
+
+
+def flag_problems(args: argparse.Namespace) -> list[str]:
+    problems = []
+    if args.num_samples < 1:
+        problems.append(f"--num-samples must be at least 1, not {args.num_samples}")
+    if args.max_epochs < 1:
+        problems.append(f"--max-epochs must be at least 1, not {args.max_epochs}")
+    if not 1 <= args.grace_period <= args.max_epochs:
+        problems.append(f"--grace-period must be from 1 to --max-epochs ({args.max_epochs}), not {args.grace_period}")
+    if args.reduction_factor < 2:
+        problems.append(f"--reduction-factor must be at least 2, not {args.reduction_factor}")
+    if args.max_failures < 0 or args.max_concurrent < 0:
+        problems.append("--max-failures and --max-concurrent cannot be negative")
+    if args.cpus_per_trial <= 0:
+        problems.append(f"--cpus-per-trial must be above 0, not {args.cpus_per_trial}")
+    if args.num_gpus < 0:
+        problems.append(f"--num-gpus cannot be negative, not {args.num_gpus}")
+    if args.gpus_per_trial < 0 or (args.num_gpus > 0 and args.gpus_per_trial == 0 and args.address is None):
+        problems.append(f"--gpus-per-trial must be above 0 when there are GPUs, not {args.gpus_per_trial}")
+    if args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial):
+        problems.append(f"--gpus-per-trial above 1 must be a whole number, not {args.gpus_per_trial}")
+    if args.address is None and args.gpus_per_trial > args.num_gpus:
+        problems.append(f"--gpus-per-trial {args.gpus_per_trial:g} is more than the {args.num_gpus:g} GPUs available (--num-gpus)")
+    return problems
+
+
+# ---------------------------------------------------------------- Ray
+
+
+def start_ray(args: argparse.Namespace) -> None:
+    if ray.is_initialized():  # the caller (a test, a notebook) started Ray already
+        return
+    try:
+        if args.address:
+            ray.init(address=args.address)
+        else:
+            ray.init(num_gpus=args.num_gpus)
+    except ConnectionError as err:
+        raise SearchError(f"cannot reach a Ray cluster at --address {args.address} ({err})") from err
+
+
+def check_cluster_fits_a_trial(args: argparse.Namespace) -> None:
+    """A trial bigger than every node would wait forever; say so now instead."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    most_gpus = max((node.get("GPU", 0) for node in nodes), default=0)
+    most_cpus = max((node.get("CPU", 0) for node in nodes), default=0)
+    if args.gpus_per_trial > most_gpus:
+        raise SearchError(
+            f"--gpus-per-trial {args.gpus_per_trial:g} does not fit: the largest node has {most_gpus:g} GPUs "
+            f"(cluster total {ray.cluster_resources().get('GPU', 0):g})"
+        )
+    if args.cpus_per_trial > most_cpus:
+        raise SearchError(f"--cpus-per-trial {args.cpus_per_trial:g} does not fit: the largest node has {most_cpus:g} CPUs")
+
+
+def trial_slots(args: argparse.Namespace) -> int:
+    """How many trials the cluster runs at once. Tune needs it said: with a custom searcher it
+    otherwise starts one trial at a time, and short trials then never overlap."""
+    if args.max_concurrent:
+        return args.max_concurrent
+    resources = ray.cluster_resources()
+    slots = resources.get("CPU", 1) // args.cpus_per_trial
+    if args.gpus_per_trial:
+        slots = min(slots, resources.get("GPU", 0) // args.gpus_per_trial)
+    return max(1, int(slots))
+
+
+# ---------------------------------------------------------------- the Tuner
+
+
+def make_trainable(args: argparse.Namespace, data: TrialData):
+    # with_parameters puts the data in the object store once; every trial reads that copy.
+    return tune.with_resources(
+        tune.with_parameters(run_trial, data=data), {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+    )
+
+
+def trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"  # the config is in params.json; names stay short
+
+
+def make_tuner(args: argparse.Namespace, space: SearchSpace, data: TrialData, storage: str) -> tune.Tuner:
+    constants = {"epochs": args.max_epochs, "num_classes": len(data.classes)}
+    searcher = OptunaSearch(
+        space=space.define_by_run(constants),
+        metric=METRIC,
+        mode=MODE,
+        sampler=space.optuna_sampler(args.seed),
+        points_to_evaluate=space.first_points() or None,
+    )
+    scheduler = ASHAScheduler(
+        time_attr="epoch", max_t=args.max_epochs, grace_period=args.grace_period, reduction_factor=args.reduction_factor
+    )
+    return tune.Tuner(
+        make_trainable(args, data),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=args.num_samples,
+            max_concurrent_trials=trial_slots(args),
+            trial_dirname_creator=trial_dirname,
+            # A new trial runs in the previous one's worker: torch and CUDA start once per slot.
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=args.name,
+            storage_path=storage,
+            # Per trial: its best epoch (for the final model) and its latest (to resume from).
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
+            ),
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            verbose=1,
+        ),
+    )
+
+
+def resolve_storage(args: argparse.Namespace) -> str:
+    return args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
+
+
+def latest_search(storage: Path) -> str:
+    searches = sorted((p for p in storage.glob("*") if (p / ARGS_FILE).is_file()), key=lambda p: p.stat().st_mtime)
+    if not searches:
+        raise SearchError(f"--resume: no search to resume in --storage-path {storage}")
+    return searches[-1].name
+
+
+def restore_args(args: argparse.Namespace) -> argparse.Namespace:
+    """A resumed search keeps the arguments it started with, so its data and space match."""
+    storage = Path(resolve_storage(args))
+    name = args.name or latest_search(storage)
+    saved = storage / name / ARGS_FILE
+    if not saved.is_file() or not tune.Tuner.can_restore(str(storage / name)):
+        raise SearchError(f"--resume: no search named {name!r} to resume in {storage}")
+    return argparse.Namespace(**{**json.loads(saved.read_text()), "resume": True, "name": name})
+
+
+# ---------------------------------------------------------------- after the search
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    trial_id: str
+    config: dict[str, Any]
+    best_val_acc: float | None
+    epochs: int
+    state: str
+
+
+def outcomes(results: tune.ResultGrid, max_epochs: int) -> list[TrialOutcome]:
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        reported = history is not None and METRIC in history
+        epochs = int(history["epoch"].max()) if reported else 0
+        if result.error:
+            state = f"failed at epoch {epochs + 1}: {type(result.error).__name__}"
+        elif epochs >= max_epochs:
+            state = "completed"
+        else:
+            state = f"stopped by ASHA at epoch {epochs}"
+        best = float(history[METRIC].max()) if reported else None
+        rows.append(TrialOutcome(result.metrics.get("trial_id", result.path), result.config, best, epochs, state))
+    return sorted(rows, key=lambda r: -1 if r.best_val_acc is None else r.best_val_acc, reverse=True)
+
+
+def test_accuracy(result: tune.Result, data: TrialData) -> tuple[float, dict[str, Any]]:
+    """The best trial's best checkpoint, evaluated once on the test split."""
+    checkpoint = result.get_best_checkpoint(METRIC, MODE)
+    with checkpoint.as_directory() as directory:
+        payload = load_checkpoint(directory)
+    cfg = TrialConfig.from_dict(payload["config"])
+    device = pick_device()
+    model = build_model(cfg, data.mean, data.std, device)
+    model.load_state_dict(payload["model"])
+    return evaluate_split(model, data.test.to(device), cfg.image_size).accuracy, payload
+
+
+def summarize(results: tune.ResultGrid, space: SearchSpace, data: TrialData, args: argparse.Namespace, seconds: float) -> dict[str, Any]:
+    rows = outcomes(results, args.max_epochs)
+    searched = [dim.key for dim in space.dimensions]
+    epochs_run = sum(r.epochs for r in rows)
+    budget = len(rows) * args.max_epochs
+    summary: dict[str, Any] = {
+        "name": args.name,
+        "space": space.source,
+        "trials": len(rows),
+        "stopped_early": sum(r.state.startswith("stopped") for r in rows),
+        "failed": sum(r.state.startswith("failed") for r in rows),
+        "epochs_run": epochs_run,
+        "epochs_budget": budget,
+        "budget_fraction": epochs_run / budget if budget else 0.0,
+        "wall_seconds": seconds,
+        "leaderboard": [
+            {"trial_id": r.trial_id, METRIC: r.best_val_acc, "epochs": r.epochs, "state": r.state,
+             **{k: r.config.get(k) for k in searched}}
+            for r in rows
+        ],  # fmt: skip
+    }
+    if any(r.best_val_acc is not None for r in rows):
+        best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
+        test_acc, payload = test_accuracy(best, data)
+        summary["best"] = {
+            "trial_id": best.metrics.get("trial_id"),
+            "config": payload["config"],
+            METRIC: payload["metrics"][METRIC],
+            "epoch": payload["epoch"],
+            "test_acc": test_acc,
+            "checkpoint": best.get_best_checkpoint(METRIC, MODE).path,
+        }
+    return summary
+
+
+def print_summary(summary: dict[str, Any], top: int = 10) -> None:
+    board = summary["leaderboard"]
+    print(f"\n{'rank':>4}  {METRIC:>8}  {'epochs':>6}  state / config")
+    for rank, row in enumerate(board[:top], 1):
+        acc = "-" if row[METRIC] is None else f"{row[METRIC]:.2%}"
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k not in (METRIC, "epochs", "state", "trial_id"))
+        print(f"{rank:>4}  {acc:>8}  {row['epochs']:>6}  {row['state']} | {params}")
+    print(
+        f"\nASHA stopped {summary['stopped_early']} of {summary['trials']} trials before the last epoch; "
+        f"epochs run {summary['epochs_run']} of {summary['epochs_budget']} ({summary['budget_fraction']:.0%} of the full budget); "
+        f"{summary['failed']} failed; {summary['wall_seconds']:.0f} s"
+    )
+    if best := summary.get("best"):
+        print(f"best: trial {best['trial_id']} epoch {best['epoch']}  {METRIC} {best[METRIC]:.2%}  test_acc {best['test_acc']:.2%}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    try:
+        if args.resume:
+            args = restore_args(args)
+        args.name = args.name or f"{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        space = load_space(args.space)
+        data = trial_data_from_args(args)
+        storage = resolve_storage(args)
+        start_ray(args)
+        check_cluster_fits_a_trial(args)
+    except (SpaceError, DataError, SearchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    experiment = f"{storage}/{args.name}"
+    if args.resume:
+        print(f"resuming {experiment}")
+        tuner = tune.Tuner.restore(experiment, trainable=make_trainable(args, data), resume_errored=args.max_failures > 0)
+    else:
+        if "://" not in storage:
+            Path(experiment).mkdir(parents=True, exist_ok=True)
+            Path(experiment, ARGS_FILE).write_text(json.dumps(vars(args), indent=2))
+        tuner = make_tuner(args, space, data, storage)
+    print(f"search {args.name}: space {space.source}, {args.num_samples} trials x up to {args.max_epochs} epochs, "
+          f"{len(data.train)} train / {len(data.val)} val images")  # fmt: skip
+    results = tuner.fit()
+
+    summary = summarize(results, space, data, args, time.time() - started)
+    if "://" not in storage:
+        Path(experiment, SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    print_summary(summary)
+    print(f"results: {experiment}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
