@@ -26,8 +26,19 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from tuning.config import METRIC, MODE, TrialConfig
-from tuning.data import DataError, TrialData, add_data_arguments, trial_data_from_args
+from tuning.data import DataError, TrialData, add_data_arguments, to_model_input, trial_data_from_args
+from tuning.plots import search_plots
 from tuning.spaces import SearchSpace, SpaceError, load_space, shipped_spaces
+from tuning.tracking import (
+    DEFAULT_EXPERIMENT,
+    DEFAULT_REGISTERED_MODEL,
+    DEFAULT_TRACKING_URI,
+    SearchTracker,
+    TrackingError,
+    check_reachable,
+    register_champion,
+    tracking_uri,
+)
 from tuning.trainable import run_trial
 from tuning.training import build_model, evaluate_split, load_checkpoint, pick_device
 
@@ -68,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--storage-path", default="ray_results", help="where results and checkpoints go: a dir (shared on multi-node clusters) or s3://... (default: ./ray_results)")
     output.add_argument("--name", default=None, help="this search's name (default: SPACE-YYYYmmdd-HHMMSS)")
     output.add_argument("--resume", action="store_true", help="continue the search --name (default: the latest) in --storage-path")
+    output.add_argument("--tracking-uri", default=None, help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
+    output.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=f"MLflow experiment that holds this search's runs (default: {DEFAULT_EXPERIMENT})")
+    output.add_argument("--registered-model", default=DEFAULT_REGISTERED_MODEL, help=f"registry name of the best model (default: {DEFAULT_REGISTERED_MODEL})")
     parser.add_argument("--smoke-test", action="store_true", help="a tiny end-to-end search: " + ", ".join(f"{k}={v}" for k, v in SMOKE_DEFAULTS.items()))
     return parser
 
@@ -167,6 +181,10 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"  # the config is in params.json; names stay short
 
 
+def make_tracker(args: argparse.Namespace) -> SearchTracker:
+    return SearchTracker(args.tracking_uri, args.experiment, args.name, args.max_epochs)
+
+
 def make_tuner(args: argparse.Namespace, space: SearchSpace, data: TrialData, storage: str) -> tune.Tuner:
     constants = {"epochs": args.max_epochs, "num_classes": len(data.classes)}
     searcher = OptunaSearch(
@@ -200,6 +218,7 @@ def make_tuner(args: argparse.Namespace, space: SearchSpace, data: TrialData, st
                 num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
             ),
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            callbacks=[make_tracker(args)],
             verbose=1,
         ),
     )
@@ -255,8 +274,8 @@ def outcomes(results: tune.ResultGrid, max_epochs: int) -> list[TrialOutcome]:
     return sorted(rows, key=lambda r: -1 if r.best_val_acc is None else r.best_val_acc, reverse=True)
 
 
-def test_accuracy(result: tune.Result, data: TrialData) -> tuple[float, dict[str, Any]]:
-    """The best trial's best checkpoint, evaluated once on the test split."""
+def best_model(result: tune.Result, data: TrialData) -> tuple[torch.nn.Module, dict[str, Any], float]:
+    """The best trial's best checkpoint as a model, and its accuracy on the test split (once)."""
     checkpoint = result.get_best_checkpoint(METRIC, MODE)
     with checkpoint.as_directory() as directory:
         payload = load_checkpoint(directory)
@@ -264,10 +283,12 @@ def test_accuracy(result: tune.Result, data: TrialData) -> tuple[float, dict[str
     device = pick_device()
     model = build_model(cfg, data.mean, data.std, device)
     model.load_state_dict(payload["model"])
-    return evaluate_split(model, data.test.to(device), cfg.image_size).accuracy, payload
+    return model, payload, evaluate_split(model, data.test.to(device), cfg.image_size).accuracy
 
 
-def summarize(results: tune.ResultGrid, space: SearchSpace, data: TrialData, args: argparse.Namespace, seconds: float) -> dict[str, Any]:
+def summarize(
+    results: tune.ResultGrid, space: SearchSpace, data: TrialData, args: argparse.Namespace, seconds: float
+) -> tuple[dict[str, Any], torch.nn.Module | None]:
     rows = outcomes(results, args.max_epochs)
     searched = [dim.key for dim in space.dimensions]
     epochs_run = sum(r.epochs for r in rows)
@@ -288,9 +309,10 @@ def summarize(results: tune.ResultGrid, space: SearchSpace, data: TrialData, arg
             for r in rows
         ],  # fmt: skip
     }
+    model = None
     if any(r.best_val_acc is not None for r in rows):
         best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
-        test_acc, payload = test_accuracy(best, data)
+        model, payload, test_acc = best_model(best, data)
         summary["best"] = {
             "trial_id": best.metrics.get("trial_id"),
             "config": payload["config"],
@@ -299,7 +321,7 @@ def summarize(results: tune.ResultGrid, space: SearchSpace, data: TrialData, arg
             "test_acc": test_acc,
             "checkpoint": best.get_best_checkpoint(METRIC, MODE).path,
         }
-    return summary
+    return summary, model
 
 
 def print_summary(summary: dict[str, Any], top: int = 10) -> None:
@@ -316,6 +338,9 @@ def print_summary(summary: dict[str, Any], top: int = 10) -> None:
     )
     if best := summary.get("best"):
         print(f"best: trial {best['trial_id']} epoch {best['epoch']}  {METRIC} {best[METRIC]:.2%}  test_acc {best['test_acc']:.2%}")
+    if registered := summary.get("model"):
+        verdict = "now the champion" if registered["champion"] else f"not the champion (current: {registered['previous_champion']})"
+        print(f"model: {registered['model_uri']}, {verdict}")
 
 
 # ---------------------------------------------------------------- main
@@ -329,11 +354,13 @@ def main(argv: list[str] | None = None) -> int:
             args = restore_args(args)
         args.name = args.name or f"{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         space = load_space(args.space)
+        args.tracking_uri = tracking_uri(args.tracking_uri)
+        check_reachable(args.tracking_uri)
         data = trial_data_from_args(args)
         storage = resolve_storage(args)
         start_ray(args)
         check_cluster_fits_a_trial(args)
-    except (SpaceError, DataError, SearchError) as err:
+    except (SpaceError, DataError, SearchError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -350,7 +377,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(data.train)} train / {len(data.val)} val images")  # fmt: skip
     results = tuner.fit()
 
-    summary = summarize(results, space, data, args, time.time() - started)
+    summary, model = summarize(results, space, data, args, time.time() - started)
+    tracker = make_tracker(args)
+    tracker.finish(summary, space.text, vars(args), search_plots(results, space, args.max_epochs))
+    if model is not None:
+        cfg = TrialConfig.from_dict(summary["best"]["config"])
+        example = to_model_input(data.test.images[:4], cfg.image_size).contiguous().numpy()
+        summary["model"] = register_champion(
+            args.tracking_uri, tracker.parent_run_id, model, example, summary["best"]["test_acc"], args.registered_model,
+            list(data.classes),
+        )
+    tracker.close()
     if "://" not in storage:
         Path(experiment, SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -65,6 +66,23 @@ class Dimension:
         if self.distribution == "int":
             return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(self.key, self.low, self.high, log=self.distribution == "loguniform")
+
+    def optuna_distribution(self) -> optuna.distributions.BaseDistribution:
+        if self.distribution == "choice":
+            return optuna.distributions.CategoricalDistribution(list(self.choices))
+        if self.distribution == "int":
+            return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log)
+        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log)
+
+    def position(self, value: Any) -> float:
+        """Where `value` sits in this dimension, from 0 to 1 (NaN when the param was off)."""
+        if value is None:
+            return math.nan
+        if self.distribution == "choice":
+            return self.choices.index(value) / max(1, len(self.choices) - 1)
+        if self.log:
+            return (math.log(value) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
+        return (value - self.low) / (self.high - self.low)
 
     def contains(self, value: Any) -> bool:
         if self.distribution == "choice":

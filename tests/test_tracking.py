@@ -1,0 +1,102 @@
+"""MLflow: a parent run per search, a child per trial, plots, and the registered champion."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+import torch
+from mlflow import MlflowClient
+
+from model import AllConvNet, preset
+from tuning.search import SUMMARY_FILE, main
+from tuning.tracking import CHAMPION, SearchTracker, check_reachable, register_champion, TrackingError
+
+
+def test_an_unreachable_tracking_server_is_one_clear_error_before_ray(image_folder, tmp_path, capsys):
+    started = time.time()
+    argv = ["--tracking-uri", "http://127.0.0.1:9", "--dataset", "folder", "--data", str(image_folder),
+            "--num-gpus", "0", "--storage-path", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "http://127.0.0.1:9" in err and "unreachable" in err and err.count("error:") == 1
+    assert time.time() - started < 30 and not ray.is_initialized()
+
+
+def test_an_unwritable_sqlite_folder_is_named(tmp_path):
+    with pytest.raises(TrackingError, match="missing or not writable"):
+        check_reachable(f"sqlite:///{tmp_path}/no/such/dir/mlflow.db")
+
+
+@pytest.mark.slow  # three model exports
+def test_the_champion_moves_only_for_a_better_test_accuracy(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = SearchTracker(uri, "champions", "s1", max_epochs=1)
+    model = AllConvNet(preset("seed", width_mult=0.25))
+    example = torch.rand(2, 3, 32, 32).numpy()
+    first = register_champion(uri, tracker.parent_run_id, model, example, 0.60, "m")
+    worse = register_champion(uri, tracker.parent_run_id, model, example, 0.55, "m")
+    better = register_champion(uri, tracker.parent_run_id, model, example, 0.70, "m")
+    assert (first["champion"], worse["champion"], better["champion"]) == (True, False, True)
+    assert str(MlflowClient(uri).get_model_version_by_alias("m", CHAMPION).version) == better["version"] == "3"
+
+
+@pytest.mark.slow
+def test_a_search_is_one_parent_run_with_a_child_per_trial_and_a_champion(cifar_jpeg_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, configure_logging=False)
+    try:
+        argv = ["--space", "smoke", "--num-samples", "6", "--max-epochs", "3", "--num-gpus", "0",
+                "--dataset", "folder", "--data", str(cifar_jpeg_dir), "--train-limit", "1024", "--val-size", "500",
+                "--storage-path", str(tmp_path / "ray"), "--name", "tracked", "--tracking-uri", uri,
+                "--experiment", "e2e", "--registered-model", "allconv-test"]  # fmt: skip
+        assert main(argv) == 0
+    finally:
+        ray.shutdown()
+    summary = json.loads((tmp_path / "ray" / "tracked" / SUMMARY_FILE).read_text())
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    runs = client.search_runs([experiment], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 6 == len(runs) - 1
+
+    for child in children:
+        tags = child.data.tags
+        history = client.get_metric_history(child.info.run_id, "val_acc")
+        assert [m.step for m in history] == list(range(1, int(tags["epochs_run"]) + 1))
+        assert child.info.status == "FINISHED" and tags["device"] == "cpu" and "lr" in child.data.params
+        if tags["end_state"] == "stopped_early":
+            assert int(tags["stopped_at_epoch"]) == len(history) < 3
+        else:
+            assert tags["end_state"] == "completed" and len(history) == 3
+    assert sum(c.data.tags["end_state"] == "stopped_early" for c in children) == summary["stopped_early"]
+
+    parent = parents[0]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {
+        a.path for a in client.list_artifacts(parent.info.run_id, "plots")
+    }
+    assert {"search_space.yaml", "leaderboard.csv", "cli_args.json"} <= artifacts
+    assert {f"plots/{name}.png" for name in ("optimisation_history", "learning_curves", "param_importances", "parallel_coordinates")} <= artifacts
+    assert parent.data.metrics["best_test_acc"] == pytest.approx(summary["best"]["test_acc"])
+    assert parent.info.status == "FINISHED"
+
+    version = client.get_model_version_by_alias("allconv-test", CHAMPION)
+    logged = float(version.tags["test_acc"])
+    assert logged == pytest.approx(summary["best"]["test_acc"], abs=1e-6)
+    # A fresh process, with nothing from us but the URI: the champion gives the logged accuracy.
+    script = f"""
+import mlflow, mlflow.pytorch, torch
+from tuning.data import load_data
+mlflow.set_tracking_uri({uri!r})
+model = mlflow.pytorch.load_model("models:/allconv-test@{CHAMPION}")
+test = load_data("folder", {str(cifar_jpeg_dir)!r}).test
+with torch.no_grad():
+    correct = sum((model(test.images[i:i + 1000].float() / 255).argmax(1) == test.labels[i:i + 1000]).sum().item()
+                  for i in range(0, len(test.labels), 1000))
+print(correct / len(test.labels))
+"""
+    reloaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300)
+    assert abs(float(reloaded.stdout.strip().splitlines()[-1]) - logged) <= 0.0005

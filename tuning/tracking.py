@@ -1,0 +1,234 @@
+"""Where a search's results go: MLflow, written by the driver alone.
+
+One parent run per search and one nested child run per trial (params, per-epoch metrics in one
+batched request per trial per epoch, its end state as tags). Trials only report to Tune, so no
+trial ever needs the tracking server. After the search the parent gets the search space, the
+leaderboard, plots and the best model, which is registered and becomes the champion only if it
+beats the current one on the test split.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from ray import tune
+
+from tuning.config import METRIC
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's embedded default: a file, no server
+DEFAULT_EXPERIMENT = "allconv"
+DEFAULT_REGISTERED_MODEL = "allconv-cifar10"
+CHAMPION = "champion"
+EPOCH_METRICS = ("train_loss", "val_loss", METRIC, "lr", "images_per_s", "epoch_seconds")
+REACH_TIMEOUT_S = 5.0
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names its URI."""
+
+
+def tracking_uri(flag: str | None) -> str:
+    return flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def check_reachable(uri: str) -> None:
+    """One clear error, in bounded time, before any trial starts."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=REACH_TIMEOUT_S).raise_for_status()
+        except requests.RequestException as err:
+            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({type(err).__name__}); start it, or pass --tracking-uri") from err
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingError(f"MLflow tracking store {uri}: folder {folder} is missing or not writable")
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:
+        raise TrackingError(f"MLflow tracking store {uri} cannot be used ({err})") from err
+
+
+def artifact_location(uri: str) -> str | None:
+    """Beside a SQLite file, keep artifacts next to it rather than in whatever the cwd is."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None  # a server decides (--artifacts-destination)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+class SearchTracker(tune.Callback):
+    """A Tune callback in the driver. It connects lazily and finds its runs by tags, so after
+    `--resume` it re-attaches to the parent and child runs it made instead of duplicating them."""
+
+    def __init__(self, uri: str, experiment: str, search: str, max_epochs: int):
+        self.uri, self.experiment, self.search, self.max_epochs = uri, experiment, search, max_epochs
+        self._client: MlflowClient | None = None
+        self._parent: str | None = None
+        self._children: dict[str, str] = {}
+
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks; a client holds connections
+        return {**self.__dict__, "_client": None, "_parent": None, "_children": {}}
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        return found.experiment_id if found else self.client.create_experiment(self.experiment, artifact_location(self.uri))
+
+    def runs(self, filter_string: str) -> list:
+        return list(self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=10_000))
+
+    @property
+    def parent_run_id(self) -> str:
+        if self._parent is None:
+            found = self.runs(f"tags.search = '{self.search}' and tags.role = 'search'")
+            self._parent = found[0].info.run_id if found else self.client.create_run(
+                self.experiment_id, run_name=self.search, tags={"search": self.search, "role": "search"}
+            ).info.run_id
+            for run in self.runs(f"tags.search = '{self.search}' and tags.role = 'trial'"):
+                self._children[run.data.tags["trial_id"]] = run.info.run_id
+        return self._parent
+
+    def child_run_id(self, trial) -> str:
+        parent = self.parent_run_id
+        if trial.trial_id not in self._children:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"trial_{trial.trial_id}",
+                tags={"mlflow.parentRunId": parent, "search": self.search, "role": "trial", "trial_id": trial.trial_id},
+            )
+            params = [Param(k, str(v)) for k, v in sorted(trial.config.items())]
+            self.client.log_batch(run.info.run_id, params=params)
+            self._children[trial.trial_id] = run.info.run_id
+        return self._children[trial.trial_id]
+
+    # ---- Tune's hooks
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.child_run_id(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        step = int(result["epoch"])
+        stamp = int(time.time() * 1000)
+        metrics = [Metric(key, float(result[key]), stamp, step) for key in EPOCH_METRICS if key in result]
+        tags = [RunTag("device", str(result["device"]))] if step == 1 and "device" in result else []
+        self.client.log_batch(self.child_run_id(trial), metrics=metrics, tags=tags)  # one request per epoch
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        epochs = int((trial.last_result or {}).get("epoch", 0))
+        state = "completed" if epochs >= self.max_epochs else "stopped_early"
+        run = self.child_run_id(trial)
+        self.client.log_batch(run, tags=[RunTag("end_state", state), RunTag("epochs_run", str(epochs))]
+                              + ([RunTag("stopped_at_epoch", str(epochs))] if state == "stopped_early" else []))  # fmt: skip
+        self.client.set_terminated(run, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        run = self.child_run_id(trial)
+        message = str(getattr(trial, "error_message", None) or "the trial raised an error")[:4000]
+        self.client.log_batch(run, tags=[RunTag("end_state", "failed"), RunTag("error", message)])
+        self.client.set_terminated(run, "FAILED")
+
+    # ---- after the search
+
+    def finish(self, summary: dict[str, Any], space_text: str, args: dict[str, Any], plots: dict[str, Any]) -> None:
+        run = self.parent_run_id
+        client = self.client
+        client.log_text(run, space_text, "search_space.yaml")
+        client.log_dict(run, args, "cli_args.json")
+        client.log_text(run, leaderboard_csv(summary["leaderboard"]), "leaderboard.csv")
+        for name, figure in plots.items():
+            client.log_figure(run, figure, f"plots/{name}.png")
+        tags = [RunTag("space", str(args.get("space"))), RunTag("end_state", "completed")]
+        if commit := git_commit():
+            tags.append(RunTag("mlflow.source.git.commit", commit))
+        stamp = int(time.time() * 1000)
+        metrics = [Metric(k, float(summary[k]), stamp, 0) for k in ("trials", "stopped_early", "failed", "epochs_run", "budget_fraction")]
+        params = [Param(k, str(v)[:6000]) for k, v in sorted(args.items())]
+        if best := summary.get("best"):
+            metrics += [Metric(f"best_{METRIC}", best[METRIC], stamp, 0), Metric("best_test_acc", best["test_acc"], stamp, 0)]
+            params += [Param(f"best.{k}", str(v)) for k, v in sorted(best["config"].items())]
+            tags.append(RunTag("best_trial_id", str(best["trial_id"])))
+        client.log_batch(run, metrics=metrics, params=params, tags=tags)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.parent_run_id, status)
+
+
+def leaderboard_csv(rows: list[dict[str, Any]]) -> str:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------- the best model
+
+
+def register_champion(
+    uri: str, parent_run_id: str, model, example, test_acc: float, name: str, classes: list[str] | None = None
+) -> dict[str, Any]:
+    """Logs `model` on the parent run, registers it under `name`, and moves the champion alias
+    to it only if it beats the current champion's test accuracy."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    model = model.cpu().eval()
+    with mlflow.start_run(run_id=parent_run_id):
+        import torch
+
+        with torch.no_grad():
+            output = model(torch.as_tensor(example)).numpy()
+        info = mlflow.pytorch.log_model(
+            model, name="model", signature=infer_signature(example, output), input_example=example,
+            registered_model_name=name, await_registration_for=60, metadata={"classes": list(classes or [])},
+            # pickle: saved in milliseconds and loads at any batch size; it needs the `model`
+            # package (this project) installed where it is loaded. pt2 needs nothing but took
+            # tens of seconds per model to export here.
+            serialization_format="pickle",
+            # Said outright: MLflow's own inference runs the model in a subprocess (~10 s here).
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "allconv-tune"],
+        )  # fmt: skip
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(name, version, "test_acc", f"{test_acc:.6f}")
+    client.set_model_version_tag(name, version, "search_run_id", parent_run_id)
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+        current_acc = float(current.tags.get("test_acc", "-inf"))
+    except Exception:  # no champion yet
+        current, current_acc = None, float("-inf")
+    promoted = test_acc > current_acc
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return {
+        "registered_model": name,
+        "version": version,
+        "model_uri": f"models:/{name}/{version}",
+        "champion": promoted,
+        "previous_champion": None if current is None else {"version": current.version, "test_acc": current_acc},
+    }
