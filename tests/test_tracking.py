@@ -1,12 +1,17 @@
 """MLflow: a parent run per search, a child per trial, plots, and the registered champion."""
 
 import json
+import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import ray
+import requests
 import torch
 from mlflow import MlflowClient
 
@@ -43,8 +48,10 @@ def test_the_champion_moves_only_for_a_better_test_accuracy(tmp_path):
     assert str(MlflowClient(uri).get_model_version_by_alias("m", CHAMPION).version) == better["version"] == "3"
 
 
-@pytest.mark.slow
-def test_a_search_is_one_parent_run_with_a_child_per_trial_and_a_champion(cifar_jpeg_dir, tmp_path):
+@pytest.fixture(scope="module")
+def tracked_search(cifar_jpeg_dir, tmp_path_factory):
+    """One real smoke search, logged to a SQLite store of its own: (tracking URI, folder, summary)."""
+    tmp_path = tmp_path_factory.mktemp("tracked")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, configure_logging=False)
     try:
@@ -55,7 +62,12 @@ def test_a_search_is_one_parent_run_with_a_child_per_trial_and_a_champion(cifar_
         assert main(argv) == 0
     finally:
         ray.shutdown()
-    summary = json.loads((tmp_path / "ray" / "tracked" / SUMMARY_FILE).read_text())
+    return uri, tmp_path, json.loads((tmp_path / "ray" / "tracked" / SUMMARY_FILE).read_text())
+
+
+@pytest.mark.slow
+def test_a_search_is_one_parent_run_with_a_child_per_trial_and_a_champion(tracked_search, cifar_jpeg_dir):
+    uri, _, summary = tracked_search
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("e2e").experiment_id
     runs = client.search_runs([experiment], max_results=100)
@@ -100,3 +112,70 @@ print(correct / len(test.labels))
 """
     reloaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300)
     assert abs(float(reloaded.stdout.strip().splitlines()[-1]) - logged) <= 0.0005
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_ui(tracked_search):
+    """`mlflow server` on localhost over the search's store; yields its address."""
+    uri, folder, _ = tracked_search
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if requests.get(f"{address}/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(1)
+        else:
+            pytest.fail("mlflow server did not answer in 180 s")
+        yield address
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1600,1000"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_ui_lists_the_parent_run_and_its_children(mlflow_ui, tracked_search, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    uri, _, _ = tracked_search
+    experiment = MlflowClient(uri).get_experiment_by_name("e2e").experiment_id
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options)
+    try:
+        browser.get(f"{mlflow_ui}/#/experiments/{experiment}/runs")
+        wait = WebDriverWait(browser, 60)
+        wait.until(expected_conditions.presence_of_element_located((By.XPATH, "//a/span[text()='tracked']")))
+        expand = browser.find_element(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']")
+        expand.click()  # the parent's children are folded under it
+        wait.until(lambda b: len(b.find_elements(By.XPATH, "//a/span[starts-with(text(), 'trial_')]")) == 6)
+        screenshot = tmp_path / "mlflow_experiment.png"
+        browser.save_screenshot(str(screenshot))
+    finally:
+        browser.quit()
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
