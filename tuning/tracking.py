@@ -66,7 +66,8 @@ def artifact_location(uri: str) -> str | None:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        # the user's checkout (the working directory), which an installed package is not in
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except OSError:
         return None
     return out.stdout.strip() or None
@@ -145,7 +146,9 @@ class SearchTracker(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         run = self.child_run_id(trial)
-        message = str(getattr(trial, "error_message", None) or "the trial raised an error")[:4000]
+        error = trial.get_pickled_error() or trial.get_error()
+        lines = str(error or "").strip().splitlines()
+        message = (lines[-1] if lines else "the trial raised an error")[:4000]  # the exception, not the traceback
         self.client.log_batch(run, tags=[RunTag("end_state", "failed"), RunTag("error", message)])
         self.client.set_terminated(run, "FAILED")
 
