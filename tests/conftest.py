@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,6 +34,29 @@ def cifar_jpeg_dir(tmp_path_factory) -> Path:
     with tarfile.open(archive) as tar:
         tar.extractall(target, filter="data")
     return target / "cifar10-jpeg"
+
+
+@pytest.fixture(scope="session")
+def smoke_search(cifar_jpeg_dir, tmp_path_factory) -> SimpleNamespace:
+    """One real search on CIFAR-10 (smoke space, 8 trials x up to 3 epochs, 1,024 training images),
+    tracked in a SQLite store of its own, shared by the tests that read its results."""
+    import ray
+
+    from tuning.search import SUMMARY_FILE, main
+
+    folder = tmp_path_factory.mktemp("smoke_search")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, configure_logging=False)
+    try:
+        argv = ["--space", "smoke", "--num-samples", "8", "--max-epochs", "3", "--num-gpus", "0",
+                "--dataset", "folder", "--data", str(cifar_jpeg_dir), "--train-limit", "1024", "--val-size", "500",
+                "--storage-path", str(folder / "ray"), "--name", "smoke", "--tracking-uri", uri,
+                "--experiment", "e2e", "--registered-model", "allconv-test"]  # fmt: skip
+        assert main(argv) == 0
+    finally:
+        ray.shutdown()
+    experiment = folder / "ray" / "smoke"
+    return SimpleNamespace(uri=uri, experiment=experiment, summary=json.loads((experiment / SUMMARY_FILE).read_text()))
 
 
 def write_image_folder(root: Path, classes=("cat", "dog", "frog"), per_class=(12, 4), size=16, seed=0) -> Path:

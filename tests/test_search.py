@@ -69,12 +69,8 @@ def trial_histories(experiment: Path, allow_empty: bool = False, only: str = "tr
 
 
 @pytest.mark.slow
-def test_asha_search_on_real_images(local_ray, cifar_jpeg_dir, tmp_path):
-    argv = ["--space", "smoke", "--num-samples", "8", "--max-epochs", "3", "--num-gpus", "0",
-            "--dataset", "folder", "--data", str(cifar_jpeg_dir), "--train-limit", "1024", "--val-size", "500",
-            "--storage-path", str(tmp_path), "--name", "asha"]  # fmt: skip
-    assert main(argv) == 0
-    summary = json.loads((tmp_path / "asha" / SUMMARY_FILE).read_text())
+def test_asha_search_on_real_images(smoke_search):
+    summary, experiment = smoke_search.summary, smoke_search.experiment
     board = summary["leaderboard"]
     assert summary["trials"] == len(board) == 8 and summary["failed"] == 0
     assert summary["epochs_run"] == sum(row["epochs"] for row in board) <= 24
@@ -86,12 +82,12 @@ def test_asha_search_on_real_images(local_ray, cifar_jpeg_dir, tmp_path):
     assert best[METRIC] == board[0][METRIC] and 0.1 < best["test_acc"] <= 1
     assert Path(best["checkpoint"], "checkpoint.pt").is_file()
 
-    histories = trial_histories(tmp_path / "asha")
+    histories = trial_histories(experiment)
     assert len(histories) == 8
     for history in histories:
         assert [row["epoch"] for row in history] == list(range(1, len(history) + 1))
         assert {"val_acc", "val_loss", "train_loss", "lr", "images_per_s"} <= set(history[-1])
-    for trial in (tmp_path / "asha").glob("trial_*"):
+    for trial in experiment.glob("trial_*"):
         assert len(list(trial.glob("checkpoint_*"))) <= 2  # its best and its latest, not every epoch
 
 
@@ -141,11 +137,11 @@ def run_until_killed(argv: list[str], experiment: Path, results_wanted: int, tim
 
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed_runs_each_trial_once(cifar_jpeg_dir, tmp_path):
-    argv = ["--space", "smoke", "--num-samples", "6", "--max-epochs", "3", "--num-gpus", "0",
+    argv = ["--space", "smoke", "--num-samples", "4", "--max-epochs", "2", "--num-gpus", "0",
             "--dataset", "folder", "--data", str(cifar_jpeg_dir), "--train-limit", "1024", "--val-size", "500",
-            "--storage-path", str(tmp_path), "--name", "killed"]  # fmt: skip
+            "--storage-path", str(tmp_path), "--name", "killed", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
     experiment = tmp_path / "killed"
-    run_until_killed(argv, experiment, results_wanted=5)
+    run_until_killed(argv, experiment, results_wanted=3)
     before = {trial.name: len(trial_histories(trial.parent, allow_empty=True, only=trial.name)[0]) for trial in experiment.glob("trial_*")}
     assert before and not (experiment / SUMMARY_FILE).exists()
 
@@ -153,9 +149,9 @@ def test_resume_after_the_driver_is_killed_runs_each_trial_once(cifar_jpeg_dir, 
                              capture_output=True, text=True, timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((experiment / SUMMARY_FILE).read_text())
-    assert summary["trials"] == 6 and summary["failed"] == 0
+    assert summary["trials"] == 4 and summary["failed"] == 0
     after = {trial.name for trial in experiment.glob("trial_*")}
-    assert set(before) <= after and len(after) == 6
+    assert set(before) <= after and len(after) == 4
     for history in trial_histories(experiment):
         epochs = [row["epoch"] for row in history]
         assert epochs == list(range(1, len(epochs) + 1)), f"epochs repeated or missing: {epochs}"

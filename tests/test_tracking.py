@@ -1,6 +1,5 @@
 """MLflow: a parent run per search, a child per trial, plots, and the registered champion."""
 
-import json
 import os
 import shutil
 import signal
@@ -16,7 +15,7 @@ import torch
 from mlflow import MlflowClient
 
 from model import AllConvNet, preset
-from tuning.search import SUMMARY_FILE, main
+from tuning.search import main
 from tuning.tracking import CHAMPION, SearchTracker, check_reachable, register_champion, TrackingError
 
 
@@ -48,32 +47,15 @@ def test_the_champion_moves_only_for_a_better_test_accuracy(tmp_path):
     assert str(MlflowClient(uri).get_model_version_by_alias("m", CHAMPION).version) == better["version"] == "3"
 
 
-@pytest.fixture(scope="module")
-def tracked_search(cifar_jpeg_dir, tmp_path_factory):
-    """One real smoke search, logged to a SQLite store of its own: (tracking URI, folder, summary)."""
-    tmp_path = tmp_path_factory.mktemp("tracked")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, configure_logging=False)
-    try:
-        argv = ["--space", "smoke", "--num-samples", "6", "--max-epochs", "3", "--num-gpus", "0",
-                "--dataset", "folder", "--data", str(cifar_jpeg_dir), "--train-limit", "1024", "--val-size", "500",
-                "--storage-path", str(tmp_path / "ray"), "--name", "tracked", "--tracking-uri", uri,
-                "--experiment", "e2e", "--registered-model", "allconv-test"]  # fmt: skip
-        assert main(argv) == 0
-    finally:
-        ray.shutdown()
-    return uri, tmp_path, json.loads((tmp_path / "ray" / "tracked" / SUMMARY_FILE).read_text())
-
-
 @pytest.mark.slow
-def test_a_search_is_one_parent_run_with_a_child_per_trial_and_a_champion(tracked_search, cifar_jpeg_dir):
-    uri, _, summary = tracked_search
+def test_a_search_is_one_parent_run_with_a_child_per_trial_and_a_champion(smoke_search, cifar_jpeg_dir):
+    uri, summary = smoke_search.uri, smoke_search.summary
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("e2e").experiment_id
     runs = client.search_runs([experiment], max_results=100)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(parents) == 1 and len(children) == 6 == len(runs) - 1
+    assert len(parents) == 1 and len(children) == 8 == len(runs) - 1
 
     for child in children:
         tags = child.data.tags
@@ -121,9 +103,9 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def mlflow_ui(tracked_search):
+def mlflow_ui(smoke_search):
     """`mlflow server` on localhost over the search's store; yields its address."""
-    uri, folder, _ = tracked_search
+    uri = smoke_search.uri
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
@@ -153,15 +135,14 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 
 @pytest.mark.slow
-def test_the_ui_lists_the_parent_run_and_its_children(mlflow_ui, tracked_search, tmp_path):
+def test_the_ui_lists_the_parent_run_and_its_children(mlflow_ui, smoke_search, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
-    uri, _, _ = tracked_search
-    experiment = MlflowClient(uri).get_experiment_by_name("e2e").experiment_id
+    experiment = MlflowClient(smoke_search.uri).get_experiment_by_name("e2e").experiment_id
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
     for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
@@ -170,10 +151,10 @@ def test_the_ui_lists_the_parent_run_and_its_children(mlflow_ui, tracked_search,
     try:
         browser.get(f"{mlflow_ui}/#/experiments/{experiment}/runs")
         wait = WebDriverWait(browser, 60)
-        wait.until(expected_conditions.presence_of_element_located((By.XPATH, "//a/span[text()='tracked']")))
+        wait.until(expected_conditions.presence_of_element_located((By.XPATH, "//a/span[text()='smoke']")))
         expand = browser.find_element(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']")
         expand.click()  # the parent's children are folded under it
-        wait.until(lambda b: len(b.find_elements(By.XPATH, "//a/span[starts-with(text(), 'trial_')]")) == 6)
+        wait.until(lambda b: len(b.find_elements(By.XPATH, "//a/span[starts-with(text(), 'trial_')]")) == 8)
         screenshot = tmp_path / "mlflow_experiment.png"
         browser.save_screenshot(str(screenshot))
     finally:
