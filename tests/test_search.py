@@ -142,16 +142,18 @@ def test_resume_after_the_driver_is_killed_runs_each_trial_once(cifar_jpeg_dir, 
             "--storage-path", str(tmp_path), "--name", "killed", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
     experiment = tmp_path / "killed"
     run_until_killed(argv, experiment, results_wanted=3)
-    before = {trial.name: len(trial_histories(trial.parent, allow_empty=True, only=trial.name)[0]) for trial in experiment.glob("trial_*")}
-    assert before and not (experiment / SUMMARY_FILE).exists()
+    reported = {trial.name.removeprefix("trial_") for trial in experiment.glob("trial_*")
+                if trial_histories(experiment, allow_empty=True, only=trial.name)[0]}  # fmt: skip
+    assert reported and not (experiment / SUMMARY_FILE).exists()
 
     resumed = subprocess.run([sys.executable, "-m", "tuning.search", "--resume", "--storage-path", str(tmp_path)],
                              capture_output=True, text=True, timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((experiment / SUMMARY_FILE).read_text())
     assert summary["trials"] == 4 and summary["failed"] == 0
-    after = {trial.name for trial in experiment.glob("trial_*")}
-    assert set(before) <= after and len(after) == 4
-    for history in trial_histories(experiment):
+    # Every trial that had reported goes on under its own id; the total stays --num-samples. (A trial
+    # created in the moment before the kill, before Tune recorded it, can leave an empty folder.)
+    assert reported <= {row["trial_id"] for row in summary["leaderboard"]}
+    for history in trial_histories(experiment, allow_empty=True):
         epochs = [row["epoch"] for row in history]
         assert epochs == list(range(1, len(epochs) + 1)), f"epochs repeated or missing: {epochs}"
