@@ -15,11 +15,13 @@ import argparse
 import sys
 from pathlib import Path
 
+import mlflow
+import mlflow.pytorch
 import torch
 from mlflow import MlflowClient
 
 from tuning.config import METRIC
-from tuning.data import DataError, decode_rgb, load_data
+from tuning.data import DataError, decode_rgb, load_data, to_model_input
 from tuning.tracking import CHAMPION, DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL, tracking_uri
 
 EVAL_BATCH = 1000
@@ -30,9 +32,6 @@ class ModelError(RuntimeError):
 
 
 def load(uri: str, tracking: str):
-    import mlflow
-    import mlflow.pytorch
-
     mlflow.set_tracking_uri(tracking)
     try:
         info = mlflow.models.get_model_info(uri)
@@ -73,10 +72,7 @@ def evaluate(args) -> None:
     predictions = []
     with torch.no_grad():
         for start in range(0, len(test), EVAL_BATCH):
-            x = test.images[start : start + EVAL_BATCH].float() / 255
-            if size and x.shape[-1] != size:
-                x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-            predictions.append(model(x).argmax(1))
+            predictions.append(model(to_model_input(test.images[start : start + EVAL_BATCH], size)).argmax(1))
     predicted = torch.cat(predictions)
     n = max(len(classes), int(test.labels.max()) + 1)
     confusion = torch.bincount(test.labels * n + predicted, minlength=n * n).view(n, n)
@@ -110,9 +106,8 @@ def plot_confusion(confusion: torch.Tensor, names: list[str], out: Path) -> None
 def predict(args) -> None:
     model, size, classes = load(args.model_uri, args.tracking)
     for path in args.images:
-        x = decode_rgb(Path(path), size).float().unsqueeze(0) / 255
         with torch.no_grad():
-            probabilities = model(x).softmax(1)[0]
+            probabilities = model(to_model_input(decode_rgb(Path(path), size).unsqueeze(0), None)).softmax(1)[0]
         p, index = probabilities.max(0)
         label = classes[index] if index < len(classes) else str(int(index))
         print(f"{path}: {label} ({p.item():.1%})")

@@ -40,7 +40,7 @@ from tuning.tracking import (
     tracking_uri,
 )
 from tuning.trainable import run_trial
-from tuning.training import build_model, evaluate_split, load_checkpoint, pick_device
+from tuning.training import load_checkpoint, pick_device, test_accuracy
 
 # Tune snapshots its state whenever a trial checkpoints past num_to_keep. We want that (a resume
 # loses nothing) and each snapshot takes milliseconds, so its "excessive snapshots" warning is noise.
@@ -279,11 +279,8 @@ def best_model(result: tune.Result, data: TrialData) -> tuple[torch.nn.Module, d
     checkpoint = result.get_best_checkpoint(METRIC, MODE)
     with checkpoint.as_directory() as directory:
         payload = load_checkpoint(directory)
-    cfg = TrialConfig.from_dict(payload["config"])
-    device = pick_device()
-    model = build_model(cfg, data.mean, data.std, device)
-    model.load_state_dict(payload["model"])
-    return model, payload, evaluate_split(model, data.test.to(device), cfg.image_size).accuracy
+    model, accuracy = test_accuracy(payload, data, pick_device())
+    return model, payload, accuracy
 
 
 def summarize(

@@ -17,8 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import mlflow.pytorch
 import requests
+import torch
 from mlflow import MlflowClient
+from mlflow.models import infer_signature
 from mlflow.entities import Metric, Param, RunTag
 from ray import tune
 
@@ -80,11 +84,12 @@ class SearchTracker(tune.Callback):
     def __init__(self, uri: str, experiment: str, search: str, max_epochs: int):
         self.uri, self.experiment, self.search, self.max_epochs = uri, experiment, search, max_epochs
         self._client: MlflowClient | None = None
+        self._experiment_id: str | None = None
         self._parent: str | None = None
         self._children: dict[str, str] = {}
 
     def __getstate__(self) -> dict:  # Tune pickles its callbacks; a client holds connections
-        return {**self.__dict__, "_client": None, "_parent": None, "_children": {}}
+        return {**self.__dict__, "_client": None, "_experiment_id": None, "_parent": None, "_children": {}}
 
     @property
     def client(self) -> MlflowClient:
@@ -94,8 +99,12 @@ class SearchTracker(tune.Callback):
 
     @property
     def experiment_id(self) -> str:
-        found = self.client.get_experiment_by_name(self.experiment)
-        return found.experiment_id if found else self.client.create_experiment(self.experiment, artifact_location(self.uri))
+        if self._experiment_id is None:
+            found = self.client.get_experiment_by_name(self.experiment)
+            self._experiment_id = (
+                found.experiment_id if found else self.client.create_experiment(self.experiment, artifact_location(self.uri))
+            )
+        return self._experiment_id
 
     def runs(self, filter_string: str) -> list:
         return list(self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=10_000))
@@ -195,16 +204,10 @@ def register_champion(
 ) -> dict[str, Any]:
     """Logs `model` on the parent run, registers it under `name`, and moves the champion alias
     to it only if it beats the current champion's test accuracy."""
-    import mlflow
-    import mlflow.pytorch
-    from mlflow.models import infer_signature
-
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     model = model.cpu().eval()
     with mlflow.start_run(run_id=parent_run_id):
-        import torch
-
         with torch.no_grad():
             output = model(torch.as_tensor(example)).numpy()
         info = mlflow.pytorch.log_model(

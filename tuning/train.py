@@ -15,7 +15,7 @@ from pathlib import Path
 from model import parameter_count
 from tuning.config import PARAMS, TrialConfig
 from tuning.data import DataError, add_data_arguments, trial_data_from_args
-from tuning.training import DivergedError, build_model, evaluate_split, fit, load_checkpoint, pick_device, save_checkpoint
+from tuning.training import DivergedError, fit, load_checkpoint, pick_device, save_checkpoint, test_accuracy
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = pick_device()
     print(f"device {device} | train {len(data.train)} val {len(data.val)} test {len(data.test)} | {cfg}")
-    model = None
+    last = None
     try:
         for metrics, payload in fit(cfg, data, device, checkpoint):
             print(
@@ -77,14 +77,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             if args.checkpoint_dir is not None:
                 save_checkpoint(args.checkpoint_dir, payload)
-            model = payload["model"]
+            last = payload
     except DivergedError as err:
         print(f"error: diverged: {err}", file=sys.stderr)
         return 1
-    if args.test and model is not None:
-        net = build_model(cfg, data.mean, data.std, device)
-        net.load_state_dict(model)
-        print(f"parameters {parameter_count(net):,}  test_acc {evaluate_split(net, data.test.to(device), cfg.image_size).accuracy:.2%}")
+    if args.test and last is not None:
+        model, accuracy = test_accuracy(last, data, device)
+        print(f"parameters {parameter_count(model):,}  test_acc {accuracy:.2%}")
     return 0
 
 

@@ -138,6 +138,14 @@ def evaluate_split(model: nn.Module, split: Split, image_size: int | None) -> Ev
     return evaluate(model, eval_batches(split, EVAL_BATCH_SIZE, image_size))
 
 
+def test_accuracy(payload: dict[str, Any], data: TrialData, device: torch.device) -> tuple[AllConvNet, float]:
+    """A checkpoint's model, and its accuracy on the test split."""
+    cfg = TrialConfig.from_dict(payload["config"])
+    model = build_model(cfg, data.mean, data.std, device)
+    model.load_state_dict(payload["model"])
+    return model, evaluate_split(model, data.test.to(device), cfg.image_size).accuracy
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
