@@ -19,12 +19,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from tuning.cluster import (
+    ClusterError,
+    check_fits_a_trial,
+    check_storage_shared,
+    default_gpus_per_trial,
+    read_text,
+    resolve_storage,
+    searches_by_age,
+    start_ray,
+    trial_slots,
+    write_json,
+)
 from tuning.config import METRIC, MODE, TrialConfig
 from tuning.data import DataError, TrialData, add_data_arguments, to_model_input, trial_data_from_args
 from tuning.plots import search_plots
@@ -92,10 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke_test:  # smoke defaults, under anything given explicitly
         parser.set_defaults(**SMOKE_DEFAULTS)
         args = parser.parse_args(argv)
-    if args.num_gpus is None:
-        args.num_gpus = torch.cuda.device_count()
-    if args.gpus_per_trial is None:
-        args.gpus_per_trial = 1.0 if args.num_gpus > 0 else 0.0
+    if args.address is None:  # a local Ray: this machine's GPUs (a cluster's are counted once joined)
+        if args.num_gpus is None:
+            args.num_gpus = torch.cuda.device_count()
+        if args.gpus_per_trial is None:
+            args.gpus_per_trial = 1.0 if args.num_gpus > 0 else 0.0
     for problem in flag_problems(args):
         parser.error(problem)
     return args
@@ -115,56 +127,16 @@ def flag_problems(args: argparse.Namespace) -> list[str]:
         problems.append("--max-failures and --max-concurrent cannot be negative")
     if args.cpus_per_trial <= 0:
         problems.append(f"--cpus-per-trial must be above 0, not {args.cpus_per_trial}")
-    if args.num_gpus < 0:
+    if (args.num_gpus or 0) < 0:
         problems.append(f"--num-gpus cannot be negative, not {args.num_gpus}")
-    if args.gpus_per_trial < 0 or (args.num_gpus > 0 and args.gpus_per_trial == 0 and args.address is None):
+    gpus_per_trial = args.gpus_per_trial or 0
+    if gpus_per_trial < 0 or (args.address is None and args.num_gpus > 0 and gpus_per_trial == 0):
         problems.append(f"--gpus-per-trial must be above 0 when there are GPUs, not {args.gpus_per_trial}")
-    if args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial):
+    if gpus_per_trial > 1 and gpus_per_trial != int(gpus_per_trial):
         problems.append(f"--gpus-per-trial above 1 must be a whole number, not {args.gpus_per_trial}")
     if args.address is None and args.gpus_per_trial > args.num_gpus:
         problems.append(f"--gpus-per-trial {args.gpus_per_trial:g} is more than the {args.num_gpus:g} GPUs available (--num-gpus)")
     return problems
-
-
-# ---------------------------------------------------------------- Ray
-
-
-def start_ray(args: argparse.Namespace) -> None:
-    if ray.is_initialized():  # the caller (a test, a notebook) started Ray already
-        return
-    try:
-        if args.address:
-            ray.init(address=args.address)
-        else:
-            ray.init(num_gpus=args.num_gpus)
-    except ConnectionError as err:
-        raise SearchError(f"cannot reach a Ray cluster at --address {args.address} ({err})") from err
-
-
-def check_cluster_fits_a_trial(args: argparse.Namespace) -> None:
-    """A trial bigger than every node would wait forever; say so now instead."""
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    most_gpus = max((node.get("GPU", 0) for node in nodes), default=0)
-    most_cpus = max((node.get("CPU", 0) for node in nodes), default=0)
-    if args.gpus_per_trial > most_gpus:
-        raise SearchError(
-            f"--gpus-per-trial {args.gpus_per_trial:g} does not fit: the largest node has {most_gpus:g} GPUs "
-            f"(cluster total {ray.cluster_resources().get('GPU', 0):g})"
-        )
-    if args.cpus_per_trial > most_cpus:
-        raise SearchError(f"--cpus-per-trial {args.cpus_per_trial:g} does not fit: the largest node has {most_cpus:g} CPUs")
-
-
-def trial_slots(args: argparse.Namespace) -> int:
-    """How many trials the cluster runs at once. Tune needs it said: with a custom searcher it
-    otherwise starts one trial at a time, and short trials then never overlap."""
-    if args.max_concurrent:
-        return args.max_concurrent
-    resources = ray.cluster_resources()
-    slots = resources.get("CPU", 1) // args.cpus_per_trial
-    if args.gpus_per_trial:
-        slots = min(slots, resources.get("GPU", 0) // args.gpus_per_trial)
-    return max(1, int(slots))
 
 
 # ---------------------------------------------------------------- the Tuner
@@ -205,7 +177,7 @@ def make_tuner(args: argparse.Namespace, space: SearchSpace, data: TrialData, st
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=args.num_samples,
-            max_concurrent_trials=trial_slots(args),
+            max_concurrent_trials=trial_slots(args.cpus_per_trial, args.gpus_per_trial, args.num_gpus if args.address else None, args.max_concurrent),
             trial_dirname_creator=trial_dirname,
             # A new trial runs in the previous one's worker: torch and CUDA start once per slot.
             reuse_actors=True,
@@ -224,25 +196,15 @@ def make_tuner(args: argparse.Namespace, space: SearchSpace, data: TrialData, st
     )
 
 
-def resolve_storage(args: argparse.Namespace) -> str:
-    return args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
-
-
-def latest_search(storage: Path) -> str:
-    searches = sorted((p for p in storage.glob("*") if (p / ARGS_FILE).is_file()), key=lambda p: p.stat().st_mtime)
-    if not searches:
-        raise SearchError(f"--resume: no search to resume in --storage-path {storage}")
-    return searches[-1].name
-
-
 def restore_args(args: argparse.Namespace) -> argparse.Namespace:
     """A resumed search keeps the arguments it started with, so its data and space match."""
-    storage = Path(resolve_storage(args))
-    name = args.name or latest_search(storage)
-    saved = storage / name / ARGS_FILE
-    if not saved.is_file() or not tune.Tuner.can_restore(str(storage / name)):
-        raise SearchError(f"--resume: no search named {name!r} to resume in {storage}")
-    return argparse.Namespace(**{**json.loads(saved.read_text()), "resume": True, "name": name})
+    storage = resolve_storage(args.storage_path)
+    name = args.name or next(reversed(searches_by_age(storage, ARGS_FILE)), None)
+    saved = name and read_text(f"{storage}/{name}/{ARGS_FILE}")
+    if not saved or not tune.Tuner.can_restore(f"{storage}/{name}"):
+        what = f"no search named {name!r}" if args.name else "no search"
+        raise SearchError(f"--resume: {what} to resume in --storage-path {storage}")
+    return argparse.Namespace(**{**json.loads(saved), "resume": True, "name": name})
 
 
 # ---------------------------------------------------------------- after the search
@@ -354,10 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         args.tracking_uri = tracking_uri(args.tracking_uri)
         check_reachable(args.tracking_uri)
         data = trial_data_from_args(args)
-        storage = resolve_storage(args)
-        start_ray(args)
-        check_cluster_fits_a_trial(args)
-    except (SpaceError, DataError, SearchError, TrackingError) as err:
+        storage = resolve_storage(args.storage_path)
+        start_ray(args.address, args.num_gpus)
+        if args.gpus_per_trial is None:
+            args.gpus_per_trial = default_gpus_per_trial()
+        check_fits_a_trial(args.cpus_per_trial, args.gpus_per_trial)
+        check_storage_shared(storage)
+    except (SpaceError, DataError, SearchError, TrackingError, ClusterError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -366,9 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resuming {experiment}")
         tuner = tune.Tuner.restore(experiment, trainable=make_trainable(args, data), resume_errored=args.max_failures > 0)
     else:
-        if "://" not in storage:
-            Path(experiment).mkdir(parents=True, exist_ok=True)
-            Path(experiment, ARGS_FILE).write_text(json.dumps(vars(args), indent=2))
+        write_json(f"{experiment}/{ARGS_FILE}", vars(args))
         tuner = make_tuner(args, space, data, storage)
     print(f"search {args.name}: space {space.source}, {args.num_samples} trials x up to {args.max_epochs} epochs, "
           f"{len(data.train)} train / {len(data.val)} val images")  # fmt: skip
@@ -385,8 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             list(data.classes),
         )
     tracker.close()
-    if "://" not in storage:
-        Path(experiment, SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    write_json(f"{experiment}/{SUMMARY_FILE}", summary)
     print_summary(summary)
     print(f"results: {experiment}")
     return 0

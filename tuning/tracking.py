@@ -142,7 +142,8 @@ class SearchTracker(tune.Callback):
         step = int(result["epoch"])
         stamp = int(time.time() * 1000)
         metrics = [Metric(key, float(result[key]), stamp, step) for key in EPOCH_METRICS if key in result]
-        tags = [RunTag("device", str(result["device"]))] if step == 1 and "device" in result else []
+        # where it ran, as of its latest epoch (a retried trial may move to another node)
+        tags = [RunTag(key, str(result[key])) for key in ("device", "node_id") if key in result]
         self.client.log_batch(self.child_run_id(trial), metrics=metrics, tags=tags)  # one request per epoch
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:

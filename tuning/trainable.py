@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 
+import ray
 import torch
 from ray import tune
 
@@ -21,6 +22,7 @@ def run_trial(config: dict, data: TrialData) -> None:
     device = pick_device()  # the GPU share Ray assigned, or the CPU when it gave none
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every step has the same shape
+    node = ray.get_runtime_context().get_node_id()  # a retried trial may land on another node
     resume_from = None
     if checkpoint := tune.get_checkpoint():
         with checkpoint.as_directory() as directory:
@@ -28,4 +30,4 @@ def run_trial(config: dict, data: TrialData) -> None:
     for metrics, payload in fit(cfg, data, device, resume_from):
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(directory, payload)
-            tune.report({**metrics, "device": str(device)}, checkpoint=tune.Checkpoint.from_directory(directory))
+            tune.report({**metrics, "device": str(device), "node_id": node}, checkpoint=tune.Checkpoint.from_directory(directory))
