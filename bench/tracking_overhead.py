@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         uri = f"sqlite:///{folder}/mlflow.db"
-        tracker = SearchTracker(uri, "bench", "bench", max_epochs=args.epochs)
+        tracker = SearchTracker(uri, "bench", "bench", args.epochs, folder)
         trials = [TrialRecord(f"t{i:03d}") for i in range(args.trials)]
         for trial in trials:
             tracker.on_trial_start(0, trials, trial)

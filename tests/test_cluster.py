@@ -5,6 +5,8 @@ losing a worker, and refuses storage that not every node can see."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,12 +14,13 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import ray
 import yaml
 from mlflow import MlflowClient
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.cluster_utils import Cluster
 
-from tests.test_search import trial_histories
+from tests.helpers import trial_histories
 from tuning.cluster import unshared_nodes
 from tuning.search import SUMMARY_FILE
 from tuning.tracking import CHAMPION
@@ -146,30 +149,73 @@ def test_a_lost_worker_node_reschedules_its_trials_from_their_checkpoints(gpu_cl
     shared = tmp_path / "shared"
     # No --gpus-per-trial: on a cluster with GPUs a trial takes one. No early stopping, so every
     # trial must reach the last epoch.
-    argv = search_argv(cluster, cifar_jpeg_dir, shared, "lost", "--num-samples", "6", "--max-epochs", "3",
-                       "--grace-period", "3", "--max-failures", "2")  # fmt: skip
+    argv = search_argv(cluster, cifar_jpeg_dir, shared, "lost", "--num-samples", "6", "--max-epochs", "4",
+                       "--grace-period", "4", "--max-failures", "2")  # fmt: skip
     experiment = shared / "lost"
     driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    on_lost: set[str] = set()
-    while time.time() < deadline and driver.poll() is None and not on_lost:
+    mid_way = False  # a trial on the worker to remove has reported its first epoch, not its last
+    while time.time() < deadline and driver.poll() is None and not mid_way:
         time.sleep(0.5)
-        for trial in experiment.glob("trial_*"):
-            history = trial_histories(experiment, allow_empty=True, only=trial.name)[0]
-            if history and history[-1]["node_id"] == lost.node_id and history[-1]["epoch"] < 3:
-                on_lost.add(trial.name)
-    assert driver.poll() is None and on_lost, "no trial was mid-way on the worker to remove"
+        histories = trial_histories(experiment, allow_empty=True)
+        mid_way = any(h and h[-1]["node_id"] == lost.node_id and h[-1]["epoch"] < 3 for h in histories)
+    assert driver.poll() is None and mid_way, "no trial was mid-way on the worker to remove"
     cluster.remove_node(lost, allow_graceful=False)
     output, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, output[-3000:]
 
     summary = json.loads((experiment / SUMMARY_FILE).read_text())
     assert summary["trials"] == 6 and summary["failed"] == 0
-    assert all(row["state"] == "completed" and row["epochs"] == 3 for row in summary["leaderboard"])
-    for trial in experiment.glob("trial_*"):
-        history = trial_histories(experiment, only=trial.name)[0]
-        assert [row["epoch"] for row in history] == [1, 2, 3], f"{trial.name}: epochs repeated or missing"
-        if trial.name in on_lost:
-            moved = [row for row in history if row["node_id"] == kept.node_id]
-            # It went on from its checkpoint on the surviving worker, not from epoch 1.
-            assert moved and moved[0]["epoch"] > 1 and history[0]["node_id"] == lost.node_id
+    assert all(row["state"] == "completed" and row["epochs"] == 4 for row in summary["leaderboard"])
+    moved = 0
+    for history in trial_histories(experiment):
+        epochs = [row["epoch"] for row in history]
+        before = [row["epoch"] for row in history if row["node_id"] == lost.node_id]
+        after = [row["epoch"] for row in history if row["node_id"] == kept.node_id]
+        if not (before and after):  # ran on one node only
+            assert epochs == [1, 2, 3, 4], f"epochs repeated or missing: {epochs}"
+            continue
+        # It went on from its last checkpoint on the surviving worker, not from epoch 1. A result
+        # already on its way when the node died can show that one epoch twice, never more.
+        moved += 1
+        assert before == list(range(1, len(before) + 1)) and after == list(range(after[0], 5)), epochs
+        assert 1 < after[0] <= before[-1] + 1 and before[-1] - after[0] <= 1, epochs
+    assert moved, "no trial moved to the surviving worker"
+
+
+def node_with_private_mount(address: str, hidden: Path) -> subprocess.Popen:
+    """A Ray worker node whose processes see an empty tmpfs at `hidden`: a machine without the
+    shared mount (a private mount namespace, so only this node's processes see the tmpfs)."""
+    script = f"mount -t tmpfs tmpfs {hidden} && exec ray start --address={address} --num-cpus=1 --num-gpus=1 --block"
+    return subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_storage_path_that_a_node_cannot_see_is_refused(image_folder, tmp_path):
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare with mount namespaces (root)")
+    storage = tmp_path / "ray_results"
+    storage.mkdir()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+    worker = node_with_private_mount(cluster.address, storage)
+    try:
+        ray.init(address=cluster.address)
+        deadline = time.time() + 120
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+            assert worker.poll() is None and time.time() < deadline, "the worker node did not join"
+            time.sleep(0.5)
+        ray.shutdown()
+        argv = [sys.executable, "-m", "tuning.search", "--address", cluster.address, "--dataset", "folder",
+                "--data", str(image_folder), "--val-size", "6", "--storage-path", str(storage),
+                "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    finally:
+        ray.shutdown()
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+        cluster.shutdown()
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert f"--storage-path {storage} is local to the driver's node: 1 of 2 nodes cannot see it" in run.stderr
+    assert not list(storage.glob("*/trial_*"))  # refused before any trial

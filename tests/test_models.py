@@ -18,7 +18,7 @@ def test_a_model_uri_that_does_not_exist_is_named(tmp_path, image_folder, capsys
 @pytest.mark.slow
 def test_list_evaluate_predict_and_promote(tmp_path, image_folder, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tracker = SearchTracker(uri, "allconv", "s1", max_epochs=1)
+    tracker = SearchTracker(uri, "allconv", "s1", 1, str(tmp_path))
     torch.manual_seed(0)
     model = AllConvNet(preset("seed", width_mult=0.25, num_classes=3)).eval()
     example = torch.rand(2, 3, 16, 16).numpy()

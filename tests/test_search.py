@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import ray
+from mlflow import MlflowClient
 
+from tests.helpers import trial_histories
 from tuning.config import METRIC
 from tuning.search import SUMMARY_FILE, main, parse_args
 
@@ -56,18 +58,6 @@ def local_ray(request):
     ray.shutdown()
 
 
-def trial_histories(experiment: Path, allow_empty: bool = False, only: str = "trial_*") -> list[list[dict]]:
-    """Each trial's reported results, from its result.json."""
-    histories = []
-    for trial in sorted(experiment.glob(only)):
-        results = trial / "result.json"
-        if allow_empty and not results.exists():
-            histories.append([])
-            continue
-        histories.append([json.loads(line) for line in results.read_text().splitlines() if line.strip()])
-    return histories
-
-
 @pytest.mark.slow
 def test_asha_search_on_real_images(smoke_search):
     summary, experiment = smoke_search.summary, smoke_search.experiment
@@ -88,7 +78,7 @@ def test_asha_search_on_real_images(smoke_search):
         assert [row["epoch"] for row in history] == list(range(1, len(history) + 1))
         assert {"val_acc", "val_loss", "train_loss", "lr", "images_per_s"} <= set(history[-1])
     for trial in experiment.glob("trial_*"):
-        assert len(list(trial.glob("checkpoint_*"))) <= 2  # its best and its latest, not every epoch
+        assert len(list(trial.glob("checkpoint_*"))) <= 3  # its two best and its latest, not every epoch
 
 
 @pytest.mark.slow
@@ -157,3 +147,15 @@ def test_resume_after_the_driver_is_killed_runs_each_trial_once(cifar_jpeg_dir, 
     for history in trial_histories(experiment, allow_empty=True):
         epochs = [row["epoch"] for row in history]
         assert epochs == list(range(1, len(epochs) + 1)), f"epochs repeated or missing: {epochs}"
+    configs = [json.dumps(row["config"], sort_keys=True) for history in trial_histories(experiment, allow_empty=True) for row in history[:1]]
+    assert len(configs) == len(set(configs)) == 4  # no config trained twice
+
+    # One MLflow child run per trial, none left RUNNING (a run for a trial Tune never recorded
+    # is closed as KILLED), and the champion is the best val_acc any trial actually reported.
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("allconv").experiment_id], "tags.role = 'trial'")
+    finished = [run.data.tags["trial_id"] for run in runs if run.info.status == "FINISHED"]
+    assert sorted(finished) == sorted(row["trial_id"] for row in summary["leaderboard"])
+    assert all(run.info.status == "KILLED" for run in runs if run.data.tags["trial_id"] not in finished)
+    reported = max(row[METRIC] for history in trial_histories(experiment, allow_empty=True) for row in history)
+    assert summary["best"][METRIC] == reported

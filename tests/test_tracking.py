@@ -1,20 +1,17 @@
 """MLflow: a parent run per search, a child per trial, plots, and the registered champion."""
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import ray
-import requests
 import torch
 from mlflow import MlflowClient
 
 from model import AllConvNet, preset
+from tests.helpers import TrackingServer
 from tuning.search import main
 from tuning.tracking import CHAMPION, SearchTracker, check_reachable, register_champion, TrackingError
 
@@ -37,7 +34,7 @@ def test_an_unwritable_sqlite_folder_is_named(tmp_path):
 @pytest.mark.slow  # three model exports
 def test_the_champion_moves_only_for_a_better_test_accuracy(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tracker = SearchTracker(uri, "champions", "s1", max_epochs=1)
+    tracker = SearchTracker(uri, "champions", "s1", 1, str(tmp_path))
     model = AllConvNet(preset("seed", width_mult=0.25))
     example = torch.rand(2, 3, 32, 32).numpy()
     first = register_champion(uri, tracker.parent_run_id, model, example, 0.60, "m")
@@ -96,37 +93,13 @@ print(correct / len(test.labels))
     assert abs(float(reloaded.stdout.strip().splitlines()[-1]) - logged) <= 0.0005
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_ui(smoke_search):
     """`mlflow server` on localhost over the search's store; yields its address."""
-    uri = smoke_search.uri
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    address = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if requests.get(f"{address}/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(1)
-        else:
-            pytest.fail("mlflow server did not answer in 180 s")
-        yield address
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    server = TrackingServer(smoke_search.uri)
+    server.start()
+    yield server.uri
+    server.stop()
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -8,6 +8,7 @@ from tuning.config import METRIC, TrialConfig
 from tuning.data import load_data, make_trial_data, train_batches
 from tuning.training import (
     CHECKPOINT_FILE,
+    CorruptCheckpointError,
     DivergedError,
     build_model,
     build_optimizer,
@@ -97,9 +98,25 @@ def test_resuming_after_epoch_2_repeats_epoch_3_exactly(trial_data, tmp_path):
 def test_checkpoint_is_written_atomically(trial_data, tmp_path):
     _, payload = next(fit(small_config(), trial_data, CPU))
     save_checkpoint(tmp_path / "ckpt", payload)
-    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == [CHECKPOINT_FILE]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [CHECKPOINT_FILE, "checkpoint.sha256"]  # no temp files
     loaded = load_checkpoint(tmp_path / "ckpt")
     assert set(loaded) >= {"model", "optimizer", "scheduler", "epoch", "config"}
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda b: b[: len(b) // 2], lambda b: b[:100] + bytes([b[100] ^ 1]) + b[101:], lambda b: b""],
+    ids=["truncated", "one-bit-flipped", "empty"],
+)
+def test_a_damaged_checkpoint_is_never_loaded(trial_data, tmp_path, damage):
+    _, payload = next(fit(small_config(), trial_data, CPU))
+    path = save_checkpoint(tmp_path, payload)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CorruptCheckpointError, match="checkpoint.pt is truncated or corrupt"):
+        load_checkpoint(tmp_path)
+    path.unlink()
+    with pytest.raises(CorruptCheckpointError, match="missing"):
+        load_checkpoint(tmp_path)
 
 
 def test_command_line_trains_and_resumes(image_folder, tmp_path, trial_data):
@@ -130,3 +147,15 @@ def test_command_line_help_documents_every_flag():
     result = subprocess.run([sys.executable, "-m", "tuning.train", "--help"], capture_output=True, text=True, check=True)
     for flag in ("--preset", "--epochs", "--lr", "--batchnorm", "--downsample", "--data", "--val-size", "--resume"):
         assert flag in result.stdout
+
+
+@pytest.mark.slow
+def test_compiled_trial_trains_like_eager_and_checkpoints_the_plain_net(trial_data):
+    eager = [m for m, _ in fit(small_config(epochs=2), trial_data, CPU)]
+    compiled_run = list(fit(small_config(epochs=2, compile=True), trial_data, CPU))
+    compiled = [m for m, _ in compiled_run]
+    for a, b in zip(eager, compiled):
+        assert abs(a["train_loss"] - b["train_loss"]) < 0.05 and abs(a["val_loss"] - b["val_loss"]) < 0.05
+    state = compiled_run[-1][1]["model"]
+    assert not any(key.startswith("_orig_mod") for key in state)  # loads into a plain AllConvNet
+    build_model(small_config(), trial_data.mean, trial_data.std, CPU).load_state_dict(state)

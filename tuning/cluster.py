@@ -31,7 +31,7 @@ def start_ray(address: str | None, num_gpus: float | None) -> None:
         if address:
             ray.init(address=address)
         else:
-            ray.init(num_gpus=num_gpus)
+            ray.init(address="local", num_gpus=num_gpus)  # a new Ray of its own, even if one runs here
     except ConnectionError as err:
         raise ClusterError(f"cannot reach a Ray cluster at --address {address} ({err})") from err
 

@@ -89,6 +89,7 @@ PARAMS: dict[str, Param] = {
     "seed": Param(int, 0, 2**31 - 1, help="seeds init, shuffling, augmentation and dropout"),
     "image_size": Param(int, 8, 1024, optional=True, help="train at N x N (upsampled on the device)"),
     "augment": Param(bool, help="random crop (pad 4) and horizontal flip"),
+    "compile": Param(bool, help="torch.compile the net: slower first epoch, faster steps; for long trials"),
 }
 
 
@@ -117,6 +118,9 @@ class TrialConfig:
     seed: int = 0
     image_size: int | None = None  # None trains at the data's size; 64 upsamples CIFAR like the notebook
     augment: bool = True  # random crop (pad 4) and horizontal flip
+    # Off: compiling costs tens of seconds per new net shape (cached on disk per node after
+    # that), which only trials of many epochs win back.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -12,10 +12,11 @@ import hashlib
 import logging
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import torch.nn.functional as F
@@ -145,10 +146,14 @@ def write_cache(cache: Path, fingerprint: str, data: ImageData) -> None:
 
 def atomic_save(payload: object, path: Path) -> None:
     """torch.save to a temp file beside `path`, then rename: a reader never sees half a file."""
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -11,10 +11,16 @@ on validation accuracy, and each trial trains on the GPU share it was given (or 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import math
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +50,13 @@ from tuning.tracking import (
     DEFAULT_EXPERIMENT,
     DEFAULT_REGISTERED_MODEL,
     DEFAULT_TRACKING_URI,
+    LOST_WRITES_FILE,
+    TRACKING_ERRORS,
     SearchTracker,
     TrackingError,
     check_reachable,
     register_champion,
+    short,
     tracking_uri,
 )
 from tuning.trainable import run_trial
@@ -56,6 +65,7 @@ from tuning.training import load_checkpoint, pick_device, test_accuracy
 # Tune snapshots its state whenever a trial checkpoints past num_to_keep. We want that (a resume
 # loses nothing) and each snapshot takes milliseconds, so its "excessive snapshots" warning is noise.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # the driver's handler (stop_on_signals) asks Tune to stop
 
 ARGS_FILE = "search_args.json"  # the driver's own arguments, so --resume reloads the same data
 SUMMARY_FILE = "summary.json"
@@ -78,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial (default: 1)")
     search.add_argument("--reduction-factor", type=int, default=3, help="ASHA keeps the top 1/N at each rung (default: 3)")
     search.add_argument("--seed", type=int, default=0, help="seeds the sampler: the same seed proposes the same configs (default: 0)")
+    search.add_argument("--compile", action="store_true", help="torch.compile every trial's net (worth it for long trials)")
     search.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial, from its last checkpoint (default: 0)")
     resources = parser.add_argument_group("resources")
     resources.add_argument("--num-gpus", type=float, default=None, help="GPUs for a local Ray (default: all visible; 0: train on CPU)")
@@ -153,13 +164,28 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"  # the config is in params.json; names stay short
 
 
-def make_tracker(args: argparse.Namespace) -> SearchTracker:
-    return SearchTracker(args.tracking_uri, args.experiment, args.name, args.max_epochs)
+def make_tracker(args: argparse.Namespace, experiment: str) -> SearchTracker:
+    return SearchTracker(args.tracking_uri, args.experiment, args.name, args.max_epochs, experiment)
+
+
+class DivergenceAwareOptunaSearch(OptunaSearch):
+    """A diverged trial ends with val_acc NaN. Optuna refuses to be told NaN (Ray logs that and
+    the trial stays RUNNING in the study), so it is told the trial FAILED instead: TPE then
+    learns nothing good about that config and never counts NaN as a score."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if math.isfinite(result.get(METRIC, math.nan)):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result is not None and not math.isfinite(result.get(METRIC, math.nan)):
+            result, error = None, True
+        super().on_trial_complete(trial_id, result, error)
 
 
 def make_tuner(args: argparse.Namespace, space: SearchSpace, data: TrialData, storage: str) -> tune.Tuner:
-    constants = {"epochs": args.max_epochs, "num_classes": len(data.classes)}
-    searcher = OptunaSearch(
+    constants = {"epochs": args.max_epochs, "num_classes": len(data.classes), **({"compile": True} if args.compile else {})}
+    searcher = DivergenceAwareOptunaSearch(
         space=space.define_by_run(constants),
         metric=METRIC,
         mode=MODE,
@@ -185,12 +211,13 @@ def make_tuner(args: argparse.Namespace, space: SearchSpace, data: TrialData, st
         run_config=tune.RunConfig(
             name=args.name,
             storage_path=storage,
-            # Per trial: its best epoch (for the final model) and its latest (to resume from).
+            # Per trial: its two best epochs (the best for the final model) and its latest (to resume
+            # from); one of those is the fallback when the latest turns out corrupt.
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
+                num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
             ),
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
-            callbacks=[make_tracker(args)],
+            callbacks=[make_tracker(args, f"{storage}/{args.name}")],
             verbose=1,
         ),
     )
@@ -214,25 +241,31 @@ def restore_args(args: argparse.Namespace) -> argparse.Namespace:
 class TrialOutcome:
     trial_id: str
     config: dict[str, Any]
-    best_val_acc: float | None
+    best_val_acc: float | None  # None: never reported, or diverged (then never the best)
     epochs: int
     state: str
+    result: tune.Result
 
 
 def outcomes(results: tune.ResultGrid, max_epochs: int) -> list[TrialOutcome]:
+    """Every trial, best first; diverged and silent trials last."""
     rows = []
     for result in results:
         history = result.metrics_dataframe
         reported = history is not None and METRIC in history
         epochs = int(history["epoch"].max()) if reported else 0
+        diverged = reported and "diverged" in history and history["diverged"].notna().any()
+        best = float(history[METRIC].max()) if reported and not diverged else None
         if result.error:
             state = f"failed at epoch {epochs + 1}: {type(result.error).__name__}"
+        elif diverged:
+            state = f"diverged at epoch {epochs}"
         elif epochs >= max_epochs:
             state = "completed"
         else:
             state = f"stopped by ASHA at epoch {epochs}"
-        best = float(history[METRIC].max()) if reported else None
-        rows.append(TrialOutcome(result.metrics.get("trial_id", result.path), result.config, best, epochs, state))
+        trial_id = result.metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_")
+        rows.append(TrialOutcome(trial_id, result.config, best, epochs, state, result))
     return sorted(rows, key=lambda r: -1 if r.best_val_acc is None else r.best_val_acc, reverse=True)
 
 
@@ -258,6 +291,7 @@ def summarize(
         "trials": len(rows),
         "stopped_early": sum(r.state.startswith("stopped") for r in rows),
         "failed": sum(r.state.startswith("failed") for r in rows),
+        "diverged": sum(r.state.startswith("diverged") for r in rows),
         "epochs_run": epochs_run,
         "epochs_budget": budget,
         "budget_fraction": epochs_run / budget if budget else 0.0,
@@ -269,11 +303,11 @@ def summarize(
         ],  # fmt: skip
     }
     model = None
-    if any(r.best_val_acc is not None for r in rows):
-        best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
+    if rows and rows[0].best_val_acc is not None:
+        best = rows[0].result
         model, payload, test_acc = best_model(best, data)
         summary["best"] = {
-            "trial_id": best.metrics.get("trial_id"),
+            "trial_id": rows[0].trial_id,
             "config": payload["config"],
             METRIC: payload["metrics"][METRIC],
             "epoch": payload["epoch"],
@@ -293,10 +327,13 @@ def print_summary(summary: dict[str, Any], top: int = 10) -> None:
     print(
         f"\nASHA stopped {summary['stopped_early']} of {summary['trials']} trials before the last epoch; "
         f"epochs run {summary['epochs_run']} of {summary['epochs_budget']} ({summary['budget_fraction']:.0%} of the full budget); "
-        f"{summary['failed']} failed; {summary['wall_seconds']:.0f} s"
+        f"{summary['failed']} failed, {summary['diverged']} diverged; {summary['wall_seconds']:.0f} s"
     )
     if best := summary.get("best"):
         print(f"best: trial {best['trial_id']} epoch {best['epoch']}  {METRIC} {best[METRIC]:.2%}  test_acc {best['test_acc']:.2%}")
+    tracking = summary.get("tracking", {})
+    if tracking.get("lost_writes"):
+        print(f"MLflow: {tracking['lost_writes']} writes lost while {tracking['uri']} was unreachable")
     if registered := summary.get("model"):
         verdict = "now the champion" if registered["champion"] else f"not the champion (current: {registered['previous_champion']})"
         print(f"model: {registered['model_uri']}, {verdict}")
@@ -306,6 +343,7 @@ def print_summary(summary: dict[str, Any], top: int = 10) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    log_to_stderr()
     args = parse_args(argv)
     started = time.time()
     try:
@@ -329,29 +367,95 @@ def main(argv: list[str] | None = None) -> int:
     experiment = f"{storage}/{args.name}"
     if args.resume:
         print(f"resuming {experiment}")
-        tuner = tune.Tuner.restore(experiment, trainable=make_trainable(args, data), resume_errored=args.max_failures > 0)
+        # Errored trials go on from their last checkpoint too: a resume finishes what is unfinished.
+        tuner = tune.Tuner.restore(experiment, trainable=make_trainable(args, data), resume_errored=True)
     else:
         write_json(f"{experiment}/{ARGS_FILE}", vars(args))
         tuner = make_tuner(args, space, data, storage)
     print(f"search {args.name}: space {space.source}, {args.num_samples} trials x up to {args.max_epochs} epochs, "
           f"{len(data.train)} train / {len(data.val)} val images")  # fmt: skip
-    results = tuner.fit()
+    with stop_on_signals() as stop:
+        results = tuner.fit()
+    tracker = make_tracker(args, experiment)
+    resume_hint = f"python -m tuning.search --resume --name {args.name} --storage-path {args.storage_path}"
+    if stop.is_set():
+        try:
+            marked = f"{tracker.close_unfinished('interrupted')} MLflow runs marked KILLED"
+            tracker.close("KILLED")
+        except TRACKING_ERRORS as err:
+            marked = f"MLflow runs not closed ({short(err)})"
+        print(f"\ninterrupted: {len(results)} of {args.num_samples} trials started, their checkpoints saved; {marked}.\n"
+              f"continue with: {resume_hint}", file=sys.stderr)  # fmt: skip
+        return 130
 
     summary, model = summarize(results, space, data, args, time.time() - started)
-    tracker = make_tracker(args)
-    tracker.finish(summary, space.text, vars(args), search_plots(results, space, args.max_epochs))
-    if model is not None:
-        cfg = TrialConfig.from_dict(summary["best"]["config"])
-        example = to_model_input(data.test.images[:4], cfg.image_size).contiguous().numpy()
-        summary["model"] = register_champion(
-            args.tracking_uri, tracker.parent_run_id, model, example, summary["best"]["test_acc"], args.registered_model,
-            list(data.classes),
-        )
-    tracker.close()
+    summary["tracking"] = record_search(tracker, summary, model, results, space, data, args)
     write_json(f"{experiment}/{SUMMARY_FILE}", summary)
     print_summary(summary)
     print(f"results: {experiment}")
     return 0
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """Ctrl-C and SIGTERM (a scheduler, `kill`, `ray job stop`) stop the search gracefully: Tune,
+    asked through SIGUSR1 (its own stop signal; its SIGINT handler is off), saves its state and
+    stops the trials where their last checkpoint is. The event says it happened; a second
+    signal stops at once. The previous handlers come back afterwards."""
+    stop = threading.Event()
+
+    def handle(signum, frame) -> None:
+        if stop.is_set() or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+            raise KeyboardInterrupt  # the second time, or before Tune is listening
+        stop.set()
+        signal.raise_signal(signal.SIGUSR1)
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def log_to_stderr() -> None:
+    """The driver's own warnings (a tracking outage, say) on stderr, whatever the libraries it
+    imports did to the root logger."""
+    logger = logging.getLogger("tuning")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def record_search(
+    tracker: SearchTracker, summary: dict[str, Any], model: torch.nn.Module | None, results: tune.ResultGrid,
+    space: SearchSpace, data: TrialData, args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The parent run's artifacts and the champion. A tracking store that is down by now costs the
+    MLflow record, never the search: everything is in the summary and the checkpoints."""
+    lost = read_text(f"{tracker.results_path}/{LOST_WRITES_FILE}")
+    record: dict[str, Any] = {"uri": args.tracking_uri, "lost_writes": json.loads(lost)["lost_writes"] if lost else 0}
+    try:
+        # Runs a killed driver had started for trials Tune never recorded.
+        tracker.close_unfinished("never_recorded", keep={row["trial_id"] for row in summary["leaderboard"]})
+        tracker.finish(summary, space.text, vars(args), search_plots(results, space, args.max_epochs))
+        if model is not None:
+            cfg = TrialConfig.from_dict(summary["best"]["config"])
+            example = to_model_input(data.test.images[:4], cfg.image_size).contiguous().numpy()
+            summary["model"] = register_champion(
+                args.tracking_uri, tracker.parent_run_id, model, example, summary["best"]["test_acc"],
+                args.registered_model, list(data.classes),
+            )  # fmt: skip
+        tracker.close()
+    except TRACKING_ERRORS as err:
+        record["error"] = f"the search's MLflow record is incomplete and no model was registered: {short(err)}"
+        print(f"warning: MLflow at {args.tracking_uri}: {record['error']}", file=sys.stderr)
+    return record
 
 
 if __name__ == "__main__":

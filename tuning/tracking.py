@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
+import math
 import os
 import subprocess
 import time
@@ -22,10 +24,12 @@ import mlflow.pytorch
 import requests
 import torch
 from mlflow import MlflowClient
-from mlflow.models import infer_signature
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
 from ray import tune
 
+from tuning.cluster import write_json
 from tuning.config import METRIC
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's embedded default: a file, no server
@@ -34,6 +38,17 @@ DEFAULT_REGISTERED_MODEL = "allconv-cifar10"
 CHAMPION = "champion"
 EPOCH_METRICS = ("train_loss", "val_loss", METRIC, "lr", "images_per_s", "epoch_seconds")
 REACH_TIMEOUT_S = 5.0
+RETRY_AFTER_S = 10.0  # while the tracking store is down, try again this often (not on every epoch)
+# At the end, wait this long for it before counting the waiting writes as lost.
+FINAL_FLUSH_S = float(os.environ.get("ALLCONV_TRACKING_PATIENCE_S", "60"))
+# One tracking call fails in seconds, not minutes: the queue above does the waiting.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+LOST_WRITES_FILE = "tracking_lost.json"  # how many writes the search could not deliver
+TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError)
+
+
+log = logging.getLogger(__name__)
 
 
 class TrackingError(RuntimeError):
@@ -61,6 +76,11 @@ def check_reachable(uri: str) -> None:
         raise TrackingError(f"MLflow tracking store {uri} cannot be used ({err})") from err
 
 
+def short(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}"[:300]
+
+
 def artifact_location(uri: str) -> str | None:
     """Beside a SQLite file, keep artifacts next to it rather than in whatever the cwd is."""
     if uri.startswith("sqlite:///"):
@@ -79,17 +99,25 @@ def git_commit() -> str | None:
 
 class SearchTracker(tune.Callback):
     """A Tune callback in the driver. It connects lazily and finds its runs by tags, so after
-    `--resume` it re-attaches to the parent and child runs it made instead of duplicating them."""
+    `--resume` it re-attaches to the parent and child runs it made instead of duplicating them.
 
-    def __init__(self, uri: str, experiment: str, search: str, max_epochs: int):
+    Every write goes through a queue. While the tracking store is unreachable the writes wait
+    there (training goes on) and are retried every RETRY_AFTER_S, in order, when the next one
+    comes; `flush` at the end waits at most FINAL_FLUSH_S, then counts what is left as lost."""
+
+    def __init__(self, uri: str, experiment: str, search: str, max_epochs: int, results_path: str):
         self.uri, self.experiment, self.search, self.max_epochs = uri, experiment, search, max_epochs
+        self.results_path = results_path  # the search's folder: where writes that never got through are counted
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._parent: str | None = None
         self._children: dict[str, str] = {}
+        self._queue: list[tuple[str, str, dict[str, Any]]] = []  # (trial id, operation, its arguments)
+        self._retry_at = 0.0
+        self._down_since: float | None = None
 
     def __getstate__(self) -> dict:  # Tune pickles its callbacks; a client holds connections
-        return {**self.__dict__, "_client": None, "_experiment_id": None, "_parent": None, "_children": {}}
+        return {**self.__dict__, "_client": None, "_experiment_id": None, "_parent": None, "_children": {}, "_queue": []}
 
     @property
     def client(self) -> MlflowClient:
@@ -120,49 +148,109 @@ class SearchTracker(tune.Callback):
                 self._children[run.data.tags["trial_id"]] = run.info.run_id
         return self._parent
 
-    def child_run_id(self, trial) -> str:
+    def child_run_id(self, trial_id: str, params: dict[str, Any] | None = None) -> str:
         parent = self.parent_run_id
-        if trial.trial_id not in self._children:
+        if trial_id not in self._children:
             run = self.client.create_run(
                 self.experiment_id,
-                run_name=f"trial_{trial.trial_id}",
-                tags={"mlflow.parentRunId": parent, "search": self.search, "role": "trial", "trial_id": trial.trial_id},
+                run_name=f"trial_{trial_id}",
+                tags={"mlflow.parentRunId": parent, "search": self.search, "role": "trial", "trial_id": trial_id},
             )
-            params = [Param(k, str(v)) for k, v in sorted(trial.config.items())]
-            self.client.log_batch(run.info.run_id, params=params)
-            self._children[trial.trial_id] = run.info.run_id
-        return self._children[trial.trial_id]
+            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted((params or {}).items())])
+            self._children[trial_id] = run.info.run_id
+        return self._children[trial_id]
+
+    # ---- the queue
+
+    def _send(self, trial_id: str, operation: str, **arguments) -> None:
+        self._queue.append((trial_id, operation, arguments))
+        if time.time() >= self._retry_at:
+            self.flush(patience_s=0)
+
+    def _apply(self, trial_id: str, operation: str, arguments: dict[str, Any]) -> None:
+        if operation == "start":  # a new trial, or one resumed after a failure or a kill
+            run = self.child_run_id(trial_id, arguments["params"])
+            if self.client.get_run(run).info.status != "RUNNING":
+                self.client.update_run(run, status="RUNNING")
+        elif operation == "log":
+            self.client.log_batch(self.child_run_id(trial_id), metrics=arguments["metrics"], tags=arguments["tags"])
+        elif operation == "end":
+            run = self.child_run_id(trial_id)
+            self.client.log_batch(run, tags=arguments["tags"])
+            self.client.set_terminated(run, arguments["status"])
+
+    def flush(self, patience_s: float = FINAL_FLUSH_S) -> int:
+        """Sends the queued writes in order, retrying for up to `patience_s`; returns how many are left."""
+        deadline = time.time() + patience_s
+        while self._queue:
+            try:
+                self._apply(*self._queue[0])
+            except TRACKING_ERRORS as err:
+                if self._down_since is None:
+                    self._down_since = time.time()
+                    log.warning("MLflow at %s is unreachable (%s); training goes on, its metrics wait", self.uri, short(err))
+                if time.time() + RETRY_AFTER_S > deadline:
+                    self._retry_at = time.time() + RETRY_AFTER_S
+                    return len(self._queue)
+                time.sleep(RETRY_AFTER_S)
+                continue
+            self._queue.pop(0)
+        if self._down_since is not None:
+            log.warning("MLflow at %s is back after %.0f s; the waiting writes are sent", self.uri, time.time() - self._down_since)
+            self._down_since = None
+        return 0
 
     # ---- Tune's hooks
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.child_run_id(trial)
+        self._send(trial.trial_id, "start", params=dict(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         step = int(result["epoch"])
         stamp = int(time.time() * 1000)
-        metrics = [Metric(key, float(result[key]), stamp, step) for key in EPOCH_METRICS if key in result]
+        # NaN (a diverged epoch) is left out: it would only flatten every chart of the run
+        metrics = [Metric(k, float(result[k]), stamp, step) for k in EPOCH_METRICS if k in result and math.isfinite(result[k])]
         # where it ran, as of its latest epoch (a retried trial may move to another node)
-        tags = [RunTag(key, str(result[key])) for key in ("device", "node_id") if key in result]
-        self.client.log_batch(self.child_run_id(trial), metrics=metrics, tags=tags)  # one request per epoch
+        tags = [RunTag(key, str(result[key])) for key in ("device", "node_id", "diverged") if key in result]
+        self._send(trial.trial_id, "log", metrics=metrics, tags=tags)  # one request per epoch
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        epochs = int((trial.last_result or {}).get("epoch", 0))
-        state = "completed" if epochs >= self.max_epochs else "stopped_early"
-        run = self.child_run_id(trial)
-        self.client.log_batch(run, tags=[RunTag("end_state", state), RunTag("epochs_run", str(epochs))]
-                              + ([RunTag("stopped_at_epoch", str(epochs))] if state == "stopped_early" else []))  # fmt: skip
-        self.client.set_terminated(run, "FINISHED")
+        last = trial.last_result or {}
+        epochs = int(last.get("epoch", 0))
+        if last.get("diverged"):
+            state, status = "diverged", "FAILED"
+        else:
+            state, status = ("completed" if epochs >= self.max_epochs else "stopped_early"), "FINISHED"
+        tags = [RunTag("end_state", state), RunTag("epochs_run", str(epochs))]
+        if state != "completed":
+            tags.append(RunTag("stopped_at_epoch", str(epochs)))
+        self._send(trial.trial_id, "end", tags=tags, status=status)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        run = self.child_run_id(trial)
-        error = trial.get_pickled_error() or trial.get_error()
-        lines = str(error or "").strip().splitlines()
+        # Tune has just written the error on the driver; its copy in storage is synced later.
+        error_file = Path(trial.error_file) if trial.error_file else None
+        lines = error_file.read_text().strip().splitlines() if error_file and error_file.exists() else []
         message = (lines[-1] if lines else "the trial raised an error")[:4000]  # the exception, not the traceback
-        self.client.log_batch(run, tags=[RunTag("end_state", "failed"), RunTag("error", message)])
-        self.client.set_terminated(run, "FAILED")
+        self._send(trial.trial_id, "end", tags=[RunTag("end_state", "failed"), RunTag("error", message)], status="FAILED")
+
+    def on_experiment_end(self, trials, **info) -> None:
+        lost = self.flush()
+        if lost:
+            log.warning("MLflow at %s stayed unreachable for %.0f s: %d writes lost", self.uri, FINAL_FLUSH_S, lost)
+        write_json(f"{self.results_path}/{LOST_WRITES_FILE}", {"uri": self.uri, "lost_writes": lost})
 
     # ---- after the search
+
+    def close_unfinished(self, reason: str, keep: set[str] = frozenset()) -> int:
+        """Marks this search's child runs that are still RUNNING (except `keep`) as KILLED: trials
+        an interrupt stopped, or ones a killed driver had started but Tune never recorded."""
+        closed = 0
+        for run in self.runs(f"tags.search = '{self.search}' and tags.role = 'trial' and attributes.status = 'RUNNING'"):
+            if run.data.tags.get("trial_id") not in keep:
+                self.client.log_batch(run.info.run_id, tags=[RunTag("end_state", reason)])
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                closed += 1
+        return closed
 
     def finish(self, summary: dict[str, Any], space_text: str, args: dict[str, Any], plots: dict[str, Any]) -> None:
         run = self.parent_run_id

@@ -15,7 +15,7 @@ from pathlib import Path
 from model import parameter_count
 from tuning.config import PARAMS, TrialConfig
 from tuning.data import DataError, add_data_arguments, trial_data_from_args
-from tuning.training import DivergedError, fit, load_checkpoint, pick_device, save_checkpoint, test_accuracy
+from tuning.training import CorruptCheckpointError, DivergedError, fit, load_checkpoint, pick_device, save_checkpoint, test_accuracy
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrialConfig.from_dict(checkpoint["config"]) if checkpoint else config_from_args(args)
         data = trial_data_from_args(args)
         cfg = dataclasses.replace(cfg, num_classes=len(data.classes))
-    except (DataError, ValueError, OSError) as err:
+    except (DataError, CorruptCheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     device = pick_device()

@@ -7,6 +7,8 @@ the command line (tuning/train.py) and the Ray trainable (tuning/trainable.py) b
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -20,7 +22,7 @@ from torch import nn
 
 from model import AllConvNet
 from tuning.config import METRIC, TrialConfig
-from tuning.data import Split, TrialData, atomic_save, eval_batches, train_batches
+from tuning.data import Split, TrialData, atomic_write, eval_batches, train_batches
 
 EVAL_BATCH_SIZE = 1024  # no activations are kept for backward, so evaluation can take big batches
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -28,6 +30,10 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 class DivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated or altered: it is never loaded."""
 
 
 @dataclass(frozen=True)
@@ -150,14 +156,28 @@ def test_accuracy(payload: dict[str, Any], data: TrialData, device: torch.device
 
 
 def save_checkpoint(directory: str | Path, payload: dict[str, Any]) -> Path:
+    """checkpoint.pt and its SHA-256 beside it, each written whole or not at all."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    blob = buffer.getvalue()
     path = Path(directory) / CHECKPOINT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(payload, path)
+    atomic_write(path, lambda f: f.write(blob))
+    atomic_write(path.with_suffix(".sha256"), lambda f: f.write(hashlib.sha256(blob).hexdigest().encode()))
     return path
 
 
 def load_checkpoint(directory: str | Path) -> dict[str, Any]:
-    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    """The checkpoint in `directory`, after checking it is the one that was written."""
+    path = Path(directory) / CHECKPOINT_FILE
+    try:
+        blob = path.read_bytes()
+        expected = path.with_suffix(".sha256").read_text().strip()
+    except OSError as err:
+        raise CorruptCheckpointError(f"checkpoint {path} is missing or unreadable ({err.strerror})") from err
+    if hashlib.sha256(blob).hexdigest() != expected:
+        raise CorruptCheckpointError(f"checkpoint {path} is truncated or corrupt (its SHA-256 does not match)")
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
 
 
 # ---------------------------------------------------------------- a whole trial
@@ -180,6 +200,10 @@ def fit(
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    # The compiled net shares the model's parameters; checkpoints keep the plain state dict.
+    # Inductor's on-disk caches (on by default, in the node's temp dir) let later trials on a
+    # node reuse the kernels an earlier trial of the same shapes compiled.
+    runner = torch.compile(model) if cfg.compile else model
     first_epoch = 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -191,8 +215,8 @@ def fit(
         torch.manual_seed(epoch_seed(cfg, epoch))  # dropout
         generator = torch.Generator(device=device).manual_seed(epoch_seed(cfg, epoch))
         batches = train_batches(train, cfg.batch_size, generator, cfg.augment, cfg.image_size)
-        stats = train_one_epoch(model, optimizer, scheduler, batches, cfg.label_smoothing)
-        val_stats = evaluate_split(model, val, cfg.image_size)
+        stats = train_one_epoch(runner, optimizer, scheduler, batches, cfg.label_smoothing)
+        val_stats = evaluate_split(runner, val, cfg.image_size)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": stats.train_loss,
