@@ -29,6 +29,10 @@ def run_trial(config: dict, data: TrialData) -> None:
     device = pick_device()  # the GPU share Ray assigned, or the CPU when it gave none
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every step has the same shape
+        share = ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0)
+        # Packed trials (a fractional GPU each) keep to their share of its memory, so one big
+        # trial fails with its own out-of-memory error instead of starving its neighbours.
+        torch.cuda.set_per_process_memory_fraction(float(min(share, 1.0)))  # the one GPU Ray exposes
     trial_id = tune.get_context().get_trial_id()
     where = {"device": str(device), "node_id": ray.get_runtime_context().get_node_id()}  # a retry may move
     resume_from = latest_intact(tune.get_checkpoint())
