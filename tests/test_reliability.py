@@ -215,9 +215,13 @@ def test_a_tracking_server_that_goes_away_mid_search(tracking_server, cifar_jpeg
                   "--grace-period", "2")  # fmt: skip
     driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "ALLCONV_TRACKING_PATIENCE_S": "5"})  # fmt: skip
-    wait_for_results(storage / "gone", 1, driver)
+    deadline = time.time() + 300
+    while not list((storage / "gone").glob("trial_*")):  # a trial has started: the search is under way
+        assert driver.poll() is None and time.time() < deadline, "no trial started"
+        time.sleep(0.1)
     tracking_server.stop()
     stopped = time.time()
+    assert results_so_far(storage / "gone") < 4, "the search finished before the server went away"
     output, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, output[-3000:]
     summary = json.loads((storage / "gone" / SUMMARY_FILE).read_text())
