@@ -18,11 +18,10 @@ import time
 import torch
 import torch.multiprocessing as mp
 
+from train_throughput import WARMUP_STEPS, our_loop  # the script beside this one
 from tuning.config import TrialConfig
-from tuning.data import Split, train_batches
-from tuning.training import build_model, build_optimizer, build_scheduler, pick_device, train_one_epoch
-
-WARMUP_STEPS = 5  # cudnn autotuning and the allocator, outside the timed window
+from tuning.data import Split
+from tuning.training import pick_device
 
 
 def trial(steps: int, batch_size: int, image_size: int | None, barrier, results) -> None:
@@ -31,17 +30,9 @@ def trial(steps: int, batch_size: int, image_size: int | None, barrier, results)
     torch.set_num_threads(1)  # on CPU the processes share the cores; one each keeps it fair
     generator = torch.Generator().manual_seed(0)
     split = Split(torch.randint(0, 256, (8192, 3, 32, 32), dtype=torch.uint8, generator=generator),
-                  torch.randint(0, 10, (8192,), generator=generator)).to(device)  # fmt: skip
+                  torch.randint(0, 10, (8192,), generator=generator))  # fmt: skip
     cfg = TrialConfig.from_dict({"preset": "seed", "batch_size": batch_size, "image_size": image_size})
-    model = build_model(cfg, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), device)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=steps + WARMUP_STEPS)
-    device_generator = torch.Generator(device=device).manual_seed(0)
-
-    def run(n: int):
-        batches = (batch for _ in range(1_000) for batch in train_batches(split, batch_size, device_generator, True, image_size))
-        return train_one_epoch(model, optimizer, scheduler, (b for _, b in zip(range(n), batches)))
-
+    run = our_loop(cfg, split, device, steps + WARMUP_STEPS)
     run(WARMUP_STEPS)
     barrier.wait()
     start = time.time()

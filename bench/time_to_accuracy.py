@@ -20,7 +20,7 @@ import torch
 
 from tuning.config import TrialConfig
 from tuning.data import add_data_arguments, trial_data_from_args
-from tuning.training import build_model, evaluate_split, fit, pick_device
+from tuning.training import fit, pick_device, test_accuracy
 
 NOTEBOOK_ACCURACY = 0.8067
 NOTEBOOK_SECONDS = 41.5 * 60
@@ -41,13 +41,12 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
     cfg = TrialConfig.from_dict({"preset": "seed", "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                                  "image_size": args.image_size, "num_classes": len(data.classes)})  # fmt: skip
-    test = data.test.to(device)
     print(f"device {device} | {len(data.train)} train images | {cfg}")
     clock, reached = 0.0, None
     start = time.perf_counter()
     for metrics, payload in fit(cfg, data, device):
         clock += time.perf_counter() - start
-        accuracy = score(cfg, data, payload["model"], test, device)  # outside the clock
+        _, accuracy = test_accuracy(payload, data, device)  # outside the clock
         print(f"epoch {metrics['epoch']:3d}  {clock:7.1f} s  val {metrics['val_acc']:.2%}  test {accuracy:.2%}", flush=True)
         if reached is None and accuracy >= NOTEBOOK_ACCURACY:
             reached = clock
@@ -60,12 +59,6 @@ def main() -> None:
     else:
         print(f"time_to_accuracy: {reached:.1f} s to {NOTEBOOK_ACCURACY:.2%} (notebook {NOTEBOOK_SECONDS:.0f} s, "
               f"ratio {reached / NOTEBOOK_SECONDS:.3f})")
-
-
-def score(cfg: TrialConfig, data, weights: dict, test, device: torch.device) -> float:
-    model = build_model(cfg, data.mean, data.std, device)
-    model.load_state_dict(weights)
-    return evaluate_split(model, test, cfg.image_size).accuracy
 
 
 if __name__ == "__main__":

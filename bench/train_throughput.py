@@ -14,7 +14,9 @@ Last line: `train_throughput: OURS img/s (plain loop PLAIN img/s, ratio R)` for 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,9 @@ from torchvision.transforms import v2
 from model import AllConvNet, preset
 from tuning.config import TrialConfig
 from tuning.data import CROP_PADDING, Split, load_data, make_trial_data, train_batches
-from tuning.training import build_model, build_optimizer, build_scheduler, pick_device, train_one_epoch
+from tuning.training import EpochStats, build_model, build_optimizer, build_scheduler, pick_device, train_one_epoch
+
+WARMUP_STEPS = 5  # cudnn autotuning and the allocator, outside the timed window
 
 
 class PlainDataset(Dataset):
@@ -50,12 +54,12 @@ def plain_loop_images_per_s(cfg: TrialConfig, split: Split, steps: int, device: 
     torch.manual_seed(0)
     model = AllConvNet(cfg.model_config()).to(device)  # normalisation is done by the transform
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps + 5)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps + WARMUP_STEPS)
     loader = DataLoader(PlainDataset(split, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], cfg.image_size), batch_size=cfg.batch_size, shuffle=True, drop_last=True)
     batches = iter(loader)
     images, start = 0, 0.0
-    for step in range(steps + 5):
-        if step == 5:  # warm-up done
+    for step in range(steps + WARMUP_STEPS):
+        if step == WARMUP_STEPS:
             sync(device)
             start, images = time.perf_counter(), 0
         x, y = next(batches)
@@ -70,19 +74,25 @@ def plain_loop_images_per_s(cfg: TrialConfig, split: Split, steps: int, device: 
     return images / (time.perf_counter() - start)
 
 
-def our_loop_images_per_s(cfg: TrialConfig, split: Split, steps: int, device: torch.device, bf16: bool = True) -> float:
+def our_loop(cfg: TrialConfig, split: Split, device: torch.device, total_steps: int, bf16: bool = True) -> Callable[[int], EpochStats]:
+    """Our trial's loop, set up: `run(n)` trains n more steps, going round the data as often as it takes."""
     on_device = split.to(device)
     model = build_model(cfg, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), device)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=steps + 5)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=total_steps)
     generator = torch.Generator(device=device).manual_seed(0)
 
-    def run(n: int):
-        batches = train_batches(on_device, cfg.batch_size, generator, True, cfg.image_size)
-        limited = (batch for _, batch in zip(range(n), batches))
-        return train_one_epoch(model, optimizer, scheduler, limited, mixed_precision=bf16)
+    def epochs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield from train_batches(on_device, cfg.batch_size, generator, True, cfg.image_size)
 
-    run(5)  # warm-up: cudnn autotuning, allocator
+    batches = epochs()
+    return lambda n: train_one_epoch(model, optimizer, scheduler, itertools.islice(batches, n), mixed_precision=bf16)
+
+
+def our_loop_images_per_s(cfg: TrialConfig, split: Split, steps: int, device: torch.device, bf16: bool = True) -> float:
+    run = our_loop(cfg, split, device, steps + WARMUP_STEPS, bf16)
+    run(WARMUP_STEPS)
     return run(steps).images_per_s
 
 

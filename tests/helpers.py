@@ -1,4 +1,4 @@
-"""Helpers the test modules share: reading a search's results, and a real MLflow server."""
+"""Helpers the test modules share: a search's command line, reading its results, and a real MLflow server."""
 
 from __future__ import annotations
 
@@ -12,6 +12,14 @@ import time
 from pathlib import Path
 
 import requests
+
+
+def search_command(data: Path, storage: Path, name: str, uri: str, *extra: str) -> list[str]:
+    """`python -m tuning.search` of the smoke space on 1,024 real training images; its MLflow
+    experiment and registered model are named after the search."""
+    return [sys.executable, "-m", "tuning.search", "--space", "smoke", "--dataset", "folder", "--data", str(data),
+            "--train-limit", "1024", "--val-size", "500", "--storage-path", str(storage), "--name", name,
+            "--tracking-uri", uri, "--experiment", name, "--registered-model", f"allconv-{name}", *extra]  # fmt: skip
 
 
 def trial_histories(experiment: Path, allow_empty: bool = False, only: str = "trial_*") -> list[list[dict]]:

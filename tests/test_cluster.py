@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.cluster_utils import Cluster
 
-from tests.helpers import trial_histories
+from tests.helpers import search_command, trial_histories
 from tuning.cluster import unshared_nodes
 from tuning.search import SUMMARY_FILE
 from tuning.tracking import CHAMPION
@@ -93,10 +93,8 @@ def gpu_cluster():
 
 
 def search_argv(cluster: Cluster, data: Path, storage: Path, name: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "tuning.search", "--address", cluster.address, "--cpus-per-trial", "0.5",
-            "--space", "smoke", "--dataset", "folder", "--data", str(data), "--train-limit", "1024", "--val-size", "500",
-            "--storage-path", str(storage), "--name", name, "--tracking-uri", f"sqlite:///{storage.parent}/mlflow.db",
-            "--experiment", name, "--registered-model", f"allconv-{name}", *extra]  # fmt: skip
+    uri = f"sqlite:///{storage.parent}/mlflow.db"
+    return search_command(data, storage, name, uri, "--address", cluster.address, "--cpus-per-trial", "0.5", *extra)
 
 
 def most_at_once(histories: list[list[dict]]) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.helpers import TrackingServer, trial_histories
+from tests.helpers import TrackingServer, search_command, trial_histories
 from tuning.config import METRIC
 from tuning.faults import FAULTS_ENV
 from tuning.search import SUMMARY_FILE, DivergenceAwareOptunaSearch
@@ -26,10 +26,7 @@ from tuning.training import load_checkpoint
 
 
 def search(data: Path, storage: Path, name: str, uri: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "tuning.search", "--space", "smoke", "--num-gpus", "0", "--dataset", "folder",
-            "--data", str(data), "--train-limit", "1024", "--val-size", "500", "--storage-path", str(storage),
-            "--name", name, "--tracking-uri", uri, "--experiment", name, "--registered-model", f"allconv-{name}",
-            *extra]  # fmt: skip
+    return search_command(data, storage, name, uri, "--num-gpus", "0", *extra)
 
 
 def run(argv: list[str], env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:

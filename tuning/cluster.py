@@ -146,21 +146,17 @@ def check_storage_shared(storage: str) -> None:
         )
 
 
-def _filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    return pyarrow.fs.FileSystem.from_uri(path)
-
-
 def write_text(path: str, text: str) -> None:
     """Writes a small file into the storage path, local or s3://, through the same file system
     layer Ray Tune uses for its checkpoints."""
-    fs, inner = _filesystem(path)
+    fs, inner = pyarrow.fs.FileSystem.from_uri(path)
     fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(inner) as out:
         out.write(text.encode())
 
 
 def read_text(path: str) -> str | None:
-    fs, inner = _filesystem(path)
+    fs, inner = pyarrow.fs.FileSystem.from_uri(path)
     if fs.get_file_info(inner).type != pyarrow.fs.FileType.File:
         return None
     with fs.open_input_stream(inner) as stream:
@@ -169,7 +165,7 @@ def read_text(path: str) -> str | None:
 
 def searches_by_age(storage: str, marker_file: str) -> list[str]:
     """Names of the searches in `storage` (folders holding `marker_file`), oldest first."""
-    fs, inner = _filesystem(storage)
+    fs, inner = pyarrow.fs.FileSystem.from_uri(storage)
     try:
         folders = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
     except OSError:

@@ -269,9 +269,8 @@ def outcomes(results: tune.ResultGrid, max_epochs: int) -> list[TrialOutcome]:
     return sorted(rows, key=lambda r: -1 if r.best_val_acc is None else r.best_val_acc, reverse=True)
 
 
-def best_model(result: tune.Result, data: TrialData) -> tuple[torch.nn.Module, dict[str, Any], float]:
+def best_model(checkpoint: tune.Checkpoint, data: TrialData) -> tuple[torch.nn.Module, dict[str, Any], float]:
     """The best trial's best checkpoint as a model, and its accuracy on the test split (once)."""
-    checkpoint = result.get_best_checkpoint(METRIC, MODE)
     with checkpoint.as_directory() as directory:
         payload = load_checkpoint(directory)
     model, accuracy = test_accuracy(payload, data, pick_device())
@@ -304,15 +303,15 @@ def summarize(
     }
     model = None
     if rows and rows[0].best_val_acc is not None:
-        best = rows[0].result
-        model, payload, test_acc = best_model(best, data)
+        checkpoint = rows[0].result.get_best_checkpoint(METRIC, MODE)
+        model, payload, test_acc = best_model(checkpoint, data)
         summary["best"] = {
             "trial_id": rows[0].trial_id,
             "config": payload["config"],
             METRIC: payload["metrics"][METRIC],
             "epoch": payload["epoch"],
             "test_acc": test_acc,
-            "checkpoint": best.get_best_checkpoint(METRIC, MODE).path,
+            "checkpoint": checkpoint.path,
         }
     return summary, model
 
