@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,14 @@ from tuning.config import TrialConfig
 from tuning.data import CROP_PADDING, Split, load_data, make_trial_data, train_batches
 from tuning.training import EpochStats, build_model, build_optimizer, build_scheduler, pick_device, train_one_epoch
 
+Batch = tuple[torch.Tensor, torch.Tensor]
 WARMUP_STEPS = 5  # cudnn autotuning and the allocator, outside the timed window
+
+
+def endless(one_epoch: Callable[[], Iterable[Batch]]) -> Iterator[Batch]:
+    """Batches epoch after epoch, for as many timed steps as asked."""
+    while True:
+        yield from one_epoch()
 
 
 class PlainDataset(Dataset):
@@ -56,7 +63,7 @@ def plain_loop_images_per_s(cfg: TrialConfig, split: Split, steps: int, device: 
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps + WARMUP_STEPS)
     loader = DataLoader(PlainDataset(split, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], cfg.image_size), batch_size=cfg.batch_size, shuffle=True, drop_last=True)
-    batches = iter(loader)
+    batches = endless(lambda: loader)
     images, start = 0, 0.0
     for step in range(steps + WARMUP_STEPS):
         if step == WARMUP_STEPS:
@@ -75,18 +82,14 @@ def plain_loop_images_per_s(cfg: TrialConfig, split: Split, steps: int, device: 
 
 
 def our_loop(cfg: TrialConfig, split: Split, device: torch.device, total_steps: int, bf16: bool = True) -> Callable[[int], EpochStats]:
-    """Our trial's loop, set up: `run(n)` trains n more steps, going round the data as often as it takes."""
+    """Our trial's loop, set up: `run(n)` trains n more steps."""
     on_device = split.to(device)
     model = build_model(cfg, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=total_steps)
     generator = torch.Generator(device=device).manual_seed(0)
 
-    def epochs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield from train_batches(on_device, cfg.batch_size, generator, True, cfg.image_size)
-
-    batches = epochs()
+    batches = endless(lambda: train_batches(on_device, cfg.batch_size, generator, True, cfg.image_size))
     return lambda n: train_one_epoch(model, optimizer, scheduler, itertools.islice(batches, n), mixed_precision=bf16)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; the driver may run on a head node with no display
 
 import matplotlib.pyplot as plt
+import numpy as np
 import optuna
 from matplotlib.figure import Figure
 from ray import tune
@@ -16,13 +18,17 @@ from tuning.config import METRIC
 from tuning.spaces import SearchSpace
 
 
-def histories(results: tune.ResultGrid) -> list[tuple[dict, list[int], list[float]]]:
-    """(config, epochs, val_acc per epoch) for each trial that reported, in trial order."""
+def histories(results: Iterable[tune.Result]) -> list[tuple[dict, list[int], list[float]]]:
+    """(config, epochs, val_acc per epoch) for each trial with a score, in trial order. A diverged
+    epoch's NaN is left out: it has no place on an accuracy axis, and Optuna refuses it."""
     rows = []
     for result in results:
         frame = result.metrics_dataframe
-        if frame is not None and METRIC in frame:
-            rows.append((result.config, frame["epoch"].astype(int).tolist(), frame[METRIC].astype(float).tolist()))
+        if frame is None or METRIC not in frame:
+            continue
+        scored = frame[np.isfinite(frame[METRIC].astype(float))]
+        if len(scored):
+            rows.append((result.config, scored["epoch"].astype(int).tolist(), scored[METRIC].astype(float).tolist()))
     return rows
 
 
@@ -80,7 +86,7 @@ def parallel_coordinates(trials, space: SearchSpace) -> Figure:
     return figure
 
 
-def search_plots(results: tune.ResultGrid, space: SearchSpace, max_epochs: int) -> dict[str, Figure]:
+def search_plots(results: Iterable[tune.Result], space: SearchSpace, max_epochs: int) -> dict[str, Figure]:
     trials = histories(results)
     if not trials:
         return {}
